@@ -1,0 +1,92 @@
+"""Loading the frozen parts (VAE, text encoder, tokenizer) from a Hub id or a local folder, and assembling a pipeline.
+
+Every loader takes what `from_pretrained` takes: a Hub id such as "stabilityai/sd-vae-ft-mse" or a
+local path, with an optional `subfolder` (to pull a component out of a full pipeline repo).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
+
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+# Text-encoder families whose encoder must be picked explicitly (AutoModel would load T5's decoder too).
+TEXT_ENCODER_CLASSES = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel,
+                        "mt5": T5EncoderModel, "umt5": T5EncoderModel}
+
+
+def _read_local_config(name_or_path: str, subfolder: str | None) -> dict | None:
+    path = Path(name_or_path, subfolder or "", "config.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_vae(name_or_path: str | None = DEFAULT_VAE, subfolder: str | None = None, dtype=torch.float32):
+    """A frozen diffusers VAE (`AutoencoderKL` or `AutoencoderTiny`, picked from its config), or None for pixel space."""
+    if name_or_path is None:
+        return None
+    config = _read_local_config(name_or_path, subfolder)
+    if config is None:  # a Hub id: ask the Hub (or its cache) for the config
+        config = AutoencoderKL.load_config(name_or_path, subfolder=subfolder)
+    class_name = config.get("_class_name", "AutoencoderKL")
+    if class_name not in VAE_CLASSES:
+        raise ValueError(f"{name_or_path}: VAE class {class_name!r} is not supported; use one of {sorted(VAE_CLASSES)}.")
+    vae = VAE_CLASSES[class_name].from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
+    return vae.requires_grad_(False).eval()
+
+
+def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, subfolder: str | None = None,
+                      tokenizer_subfolder: str | None = None, dtype=torch.float32):
+    """(tokenizer, frozen text encoder) for any transformers encoder: CLIP's text tower, a T5 encoder, BERT-like."""
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    model_class = TEXT_ENCODER_CLASSES.get(config.model_type, AutoModel)
+    if config.model_type == "clip":  # a full CLIP checkpoint: take its text tower only
+        config = config.text_config
+    text_encoder = model_class.from_pretrained(name_or_path, config=config, torch_dtype=dtype, **kwargs)
+    tok_kwargs = {"subfolder": tokenizer_subfolder} if tokenizer_subfolder else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+    return tokenizer, text_encoder.requires_grad_(False).eval()
+
+
+def text_embed_dim(text_encoder) -> int:
+    """Width of the encoder's token states (= its pooled vector for CLIP and for mean pooling)."""
+    config = text_encoder.config
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def vae_latent_channels(vae) -> int:
+    return 3 if vae is None else vae.config.latent_channels
+
+
+def vae_scale_factor(vae) -> int:
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_pipeline(transformer, vae=None, tokenizer=None, text_encoder=None, scheduler=None):
+    """Assemble a `LatentDiTPipeline`; the default scheduler matches the transformer's prediction type."""
+    from .objective import build_inference_scheduler
+    from .pipelines import LatentDiTPipeline
+
+    if scheduler is None:
+        scheduler = build_inference_scheduler(transformer.config.prediction_type)
+    return LatentDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def load_pipeline(name_or_path: str, dtype=torch.float32, **kwargs):
+    """Load an exported pipeline folder or Hub repo, with a clear error when a local path does not exist."""
+    from .pipelines import LatentDiTPipeline
+
+    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path, "model_index.json").is_file():
+        reason = "does not exist" if not Path(name_or_path).exists() else "has no model_index.json (not a pipeline folder)"
+        raise FileNotFoundError(
+            f"Model path {name_or_path!r} {reason}. Pass a folder written by `pipe.save_pretrained` / `latent-dit train`, "
+            "or a Hub id such as user/name."
+        )
+    return LatentDiTPipeline.from_pretrained(name_or_path, torch_dtype=dtype, **kwargs)
