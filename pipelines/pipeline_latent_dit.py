@@ -15,6 +15,26 @@ from diffusers.utils.torch_utils import randn_tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def pool_prompt_embeds(prompt_embeds: torch.Tensor, attention_mask: torch.Tensor, text_encoder=None) -> torch.Tensor:
+    """One vector per prompt. CLIP's pooled output is the final state at the end-of-text token (its last
+    real token); for other encoders (T5, BERT-like sentence encoders) the masked mean of the token states."""
+    mask = attention_mask.to(prompt_embeds.dtype)
+    model_type = getattr(getattr(text_encoder, "config", None), "model_type", "")
+    if model_type.startswith("clip"):
+        last = mask.sum(1).long().clamp(min=1) - 1
+        return prompt_embeds[torch.arange(prompt_embeds.shape[0], device=prompt_embeds.device), last]
+    return (prompt_embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+def encode_text(tokenizer, text_encoder, texts: list[str], device, max_sequence_length: int):
+    """Tokenize (padded to max_sequence_length) and encode: (token states (N, L, D), attention mask (N, L))."""
+    if tokenizer is None or text_encoder is None:
+        raise ValueError("This pipeline has no tokenizer/text_encoder: pass prompt_embeds and prompt_attention_mask instead of text.")
+    tokens = tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt")
+    input_ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    return text_encoder(input_ids, attention_mask=mask).last_hidden_state, mask
+
+
 class LatentDiTPipeline(DiffusionPipeline):
     r"""Text-to-image (or class-conditional, or unconditional) generation with a latent diffusion transformer.
 
@@ -38,26 +58,6 @@ class LatentDiTPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ prompt encoding
-    def _pool_prompt_embeds(self, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One vector per prompt. CLIP's pooled output is the final state at the end-of-text token (its last
-        real token); for other encoders (T5, BERT-like sentence encoders) the masked mean of the token states."""
-        mask = attention_mask.to(prompt_embeds.dtype)
-        model_type = getattr(getattr(self.text_encoder, "config", None), "model_type", "")
-        if model_type.startswith("clip"):
-            last = mask.sum(1).long().clamp(min=1) - 1
-            return prompt_embeds[torch.arange(prompt_embeds.shape[0], device=prompt_embeds.device), last]
-        return (prompt_embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-
-    def _encode_text(self, texts: list[str], device, max_sequence_length: int):
-        if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError("This pipeline has no tokenizer/text_encoder: pass prompt_embeds and prompt_attention_mask instead of text.")
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-        )
-        input_ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-        hidden = self.text_encoder(input_ids, attention_mask=mask).last_hidden_state
-        return hidden, mask
-
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
@@ -80,7 +80,7 @@ class LatentDiTPipeline(DiffusionPipeline):
         dtype = self.transformer.dtype
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device, max_sequence_length)
+            prompt_embeds, prompt_attention_mask = encode_text(self.tokenizer, self.text_encoder, prompt, device, max_sequence_length)
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
         batch_size = prompt_embeds.shape[0]
@@ -88,15 +88,15 @@ class LatentDiTPipeline(DiffusionPipeline):
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negative_prompt = negative_prompt or ""
             negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
-                negative_prompt, device, prompt_embeds.shape[1]
+            negative_prompt_embeds, negative_prompt_attention_mask = encode_text(
+                self.tokenizer, self.text_encoder, negative_prompt, device, prompt_embeds.shape[1]
             )
         elif do_classifier_free_guidance and negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long, device=negative_prompt_embeds.device)
 
         def finish(embeds, mask):
             embeds, mask = embeds.to(device=device, dtype=dtype), mask.to(device)
-            pooled = self._pool_prompt_embeds(embeds, mask)
+            pooled = pool_prompt_embeds(embeds, mask, self.text_encoder)
             repeat = num_images_per_prompt
             return embeds.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
 
@@ -192,7 +192,8 @@ class LatentDiTPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)} but {shape} is needed for {batch_size} images of {height}×{width}.")
         else:
             latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and have no init_noise_sigma (nor scale_model_input).
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1], undoing the VAE's scaling and shift (SD3/Flux VAEs have a shift)."""
@@ -328,7 +329,9 @@ class LatentDiTPipeline(DiffusionPipeline):
                         "encoder_attention_mask": negative_prompt_attention_mask,
                         "pooled_projections": negative_pooled,
                     }
-                latent_model_input = self.scheduler.scale_model_input(latents, t)
+                latent_model_input = latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    latent_model_input = self.scheduler.scale_model_input(latents, t)
                 if self.do_classifier_free_guidance:
                     # Batched classifier-free guidance: one pass over [unconditional; conditional].
                     latent_model_input = torch.cat([latent_model_input] * 2)
@@ -345,7 +348,11 @@ class LatentDiTPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    # A loop, not a comprehension: before Python 3.12 `locals()` in a comprehension is the
+                    # comprehension's own scope and has no `latents`.
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
