@@ -69,6 +69,10 @@ def cache_fingerprint(cfg) -> dict:
     }
 
 
+def _source_kwargs(cfg) -> dict:
+    return {"source": cfg.data.source, "image_column": cfg.data.image_column, "split": cfg.data.split}
+
+
 def check_cacheable(cfg):
     if not cfg.data.center_crop or cfg.data.random_flip:
         raise ValueError(
@@ -105,7 +109,7 @@ def build_cache(cfg, vae, tokenizer=None, text_encoder=None, batch_size: int = 1
         )
         multiple = vae_scale_factor(vae) * transformer_kwargs(cfg.model)["patch_size"]
         buckets = make_buckets(cfg.data.resolution, multiple) if cfg.data.use_buckets else None
-        dataset = ImageCaptionDataset(records, resolution=cfg.data.resolution, buckets=buckets)
+        dataset = ImageCaptionDataset(records, resolution=cfg.data.resolution, buckets=buckets, **_source_kwargs(cfg))
         text_dim = None
         if text_encoder is not None:
             null = encode_captions(tokenizer, text_encoder, [""], cfg.data.max_text_length)
@@ -126,7 +130,7 @@ def build_cache(cfg, vae, tokenizer=None, text_encoder=None, batch_size: int = 1
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, manifest_path)
 
-    dataset = ImageCaptionDataset(records, resolution=cfg.data.resolution)
+    dataset = ImageCaptionDataset(records, resolution=cfg.data.resolution, **_source_kwargs(cfg))
     dataset.buckets = sorted({tuple(b) for b in manifest["buckets"]})
     dataset.bucket_ids = [dataset.buckets.index(tuple(b)) for b in manifest["buckets"]]
     num_shards = -(-len(records) // SHARD_SIZE)
