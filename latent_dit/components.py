@@ -5,7 +5,7 @@ local path, with an optional `subfolder` (to pull a component out of a full pipe
 """
 
 import json
-import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +16,8 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 
 VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+# A Hub id is "name" or "user/name"; anything else (absolute, ./relative, nested) is a local path.
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 # Text-encoder families whose encoder must be picked explicitly (AutoModel would load T5's decoder too).
 TEXT_ENCODER_CLASSES = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel,
                         "mt5": T5EncoderModel, "umt5": T5EncoderModel}
@@ -94,15 +96,51 @@ def build_pipeline(transformer, vae=None, tokenizer=None, text_encoder=None, sch
     return LatentDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def load_pipeline(name_or_path: str, dtype=torch.float32, **kwargs):
-    """Load an exported pipeline folder or Hub repo, with a clear error when a local path does not exist."""
+def _download_pipeline(repo_id: str, allow_pickle: bool, **kwargs) -> str:
+    """The local snapshot of a Hub pipeline repo, through the normal Hub cache (HF_HUB_OFFLINE is honoured)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     from .pipelines import LatentDiTPipeline
 
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or Path(name_or_path).exists()
+    try:
+        # use_safetensors=True: diffusers then skips any .bin beside the safetensors, and fails without them.
+        return LatentDiTPipeline.download(repo_id, use_safetensors=None if allow_pickle else True, **kwargs)
+    except (EntryNotFoundError, OSError) as error:
+        cause = error.__cause__ or error  # diffusers re-raises the Hub's answer as the cause of an OSError
+        if isinstance(cause, RepositoryNotFoundError):
+            raise FileNotFoundError(
+                f"Hub repo {repo_id!r} was not found: check the name, or log in (HF_TOKEN / `hf auth login`) if it is private or gated."
+            ) from None
+        if isinstance(cause, RevisionNotFoundError):
+            raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {kwargs.get('revision')!r}.") from None
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{repo_id!r} is not (fully) in the local Hub cache and HF_HUB_OFFLINE is set: download it once online, "
+                f"or pass a local folder. ({error})"
+            ) from None
+        raise FileNotFoundError(f"Could not get pipeline {repo_id!r} from the Hub: {error}") from None
+
+
+def load_pipeline(name_or_path: str, dtype=torch.float32, allow_pickle: bool = False, **kwargs):
+    """Load an exported pipeline folder or Hub repo, with a clear error naming what is missing.
+
+    Only safetensors weights are loaded: a pickled file (.bin, .pt, .ckpt, ...) can run code when it is
+    loaded, so a folder holding one is refused unless `allow_pickle=True`.
+    """
+    from .hub import check_no_pickles
+    from .pipelines import LatentDiTPipeline
+
+    looks_local = name_or_path.startswith(".") or not HUB_ID.fullmatch(name_or_path) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path, "model_index.json").is_file():
         reason = "does not exist" if not Path(name_or_path).exists() else "has no model_index.json (not a pipeline folder)"
         raise FileNotFoundError(
             f"Model path {name_or_path!r} {reason}. Pass a folder written by `pipe.save_pretrained` / `latent-dit train`, "
             "or a Hub id such as user/name."
         )
-    return LatentDiTPipeline.from_pretrained(name_or_path, torch_dtype=dtype, **kwargs)
+    download_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in kwargs}
+    folder = name_or_path if looks_local else _download_pipeline(name_or_path, allow_pickle, **download_kwargs)
+    check_no_pickles(folder, allow_pickle)
+    pipe = LatentDiTPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs)
+    pipe.register_to_config(_name_or_path=name_or_path)
+    return pipe

@@ -70,11 +70,14 @@ class LatentDiTPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         max_sequence_length: int = 77,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ):
         """Encode prompts (and negative prompts when guiding) into token states, masks and pooled vectors.
 
         Returns `(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)` followed by the same three
         for the negative prompt (None when not guiding), each repeated `num_images_per_prompt` times.
+        Pooled vectors not given are pooled from the token states as the text encoder's family does.
         """
         device = device or self._execution_device
         dtype = self.transformer.dtype
@@ -94,14 +97,17 @@ class LatentDiTPipeline(DiffusionPipeline):
         elif do_classifier_free_guidance and negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long, device=negative_prompt_embeds.device)
 
-        def finish(embeds, mask):
+        def finish(embeds, mask, pooled):
             embeds, mask = embeds.to(device=device, dtype=dtype), mask.to(device)
-            pooled = pool_prompt_embeds(embeds, mask, self.text_encoder)
+            pooled = pool_prompt_embeds(embeds, mask, self.text_encoder) if pooled is None else pooled.to(device=device, dtype=dtype)
             repeat = num_images_per_prompt
             return embeds.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
 
-        positive = finish(prompt_embeds, prompt_attention_mask)
-        negative = finish(negative_prompt_embeds, negative_prompt_attention_mask) if do_classifier_free_guidance else (None, None, None)
+        positive = finish(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds)
+        negative = (
+            finish(negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+            if do_classifier_free_guidance else (None, None, None)
+        )
         return (*positive, *negative)
 
     # ------------------------------------------------------------------ checks
@@ -237,6 +243,8 @@ class LatentDiTPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         class_labels: int | list[int] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -257,6 +265,9 @@ class LatentDiTPipeline(DiffusionPipeline):
             latents: starting noise, shape (batch, C, height/f, width/f).
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask:
                 precomputed text-encoder states (batch, L, D) and masks (batch, L) instead of text.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds: their pooled vectors (batch, D). When omitted they
+                are pooled as the text encoder's family does (CLIP: the end-of-text state), which needs the text
+                encoder; a pipeline without one takes the masked mean, so pass them for CLIP embeddings.
             class_labels: class index/indices for class-conditional models.
             output_type: "pil", "np", "pt" or "latent".
             return_dict: return an `ImagePipelineOutput` instead of a tuple.
@@ -265,7 +276,8 @@ class LatentDiTPipeline(DiffusionPipeline):
             max_sequence_length: tokens per prompt.
         """
         default_size = self.transformer.config.sample_size * self.vae_scale_factor
-        height, width = height or default_size, width or default_size
+        height = default_size if height is None else height  # not `or`: height=0 is an error, not the default
+        width = default_size if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
@@ -285,7 +297,7 @@ class LatentDiTPipeline(DiffusionPipeline):
              negative_pooled) = self.encode_prompt(
                 prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
                 prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
-                max_sequence_length,
+                max_sequence_length, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             )
             batch_size = prompt_embeds.shape[0]
         elif mode == "class":

@@ -1,0 +1,271 @@
+"""LatentDiTTransformer2DModel: paper sizes, adaLN-Zero, conditioning modes, masks, position embeddings,
+gradient checkpointing, dtypes, QK-norm and the diffusers save/load round trip."""
+
+import json
+
+import pytest
+import torch
+
+from latent_dit.model import PRESETS, LatentDiTTransformer2DModel, sincos_pos_embed_2d
+from latent_dit.tiny import make_tiny_transformer
+
+TINY = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, text_embed_dim=24)
+TEXT_LEN = 5
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturbed(seed=0, **overrides):
+    """A tiny model with every weight moved off its init (a fresh adaLN-Zero model outputs 0 whatever its input)."""
+    return make_tiny_transformer(seed, **{**TINY, **overrides})
+
+
+def _inputs(batch=2, height=8, width=8, channels=4, text_dim=24):
+    return dict(
+        hidden_states=_randn(batch, channels, height, width, seed=1),
+        timestep=torch.tensor([10.0, 500.0][:batch] + [999.0] * max(0, batch - 2)),
+        encoder_hidden_states=_randn(batch, TEXT_LEN, text_dim, seed=2),
+        pooled_projections=_randn(batch, text_dim, seed=3),
+    )
+
+
+# --- sizes -----------------------------------------------------------------------------------------------
+
+# DiT paper, Table 1 (class-conditional ImageNet 256: 32×32×4 latents, 1000 classes, learned sigma).
+PAPER_PARAMS = {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_count_matches_paper(name):
+    with torch.device("meta"):  # no memory, no init cost: XL is as cheap as S
+        model = LatentDiTTransformer2DModel.from_preset(
+            name, conditioning="class", num_classes=1000, sample_size=32, in_channels=4, learn_sigma=True
+        )
+    size = name.split("-")[1].split("/")[0]
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PAPER_PARAMS[size]) / PAPER_PARAMS[size] < 0.01, f"{name}: {count / 1e6:.2f}M params"
+
+
+def test_preset_sets_paper_hyperparameters_and_overrides():
+    with torch.device("meta"):
+        model = LatentDiTTransformer2DModel.from_preset("DiT-XL/2", conditioning="none", depth=3)
+    assert (model.config.hidden_size, model.config.num_heads, model.config.patch_size) == (1152, 16, 2)
+    assert model.config.depth == 3 and len(model.blocks) == 3
+    with pytest.raises(ValueError, match="DiT-XXL/2"):
+        LatentDiTTransformer2DModel.from_preset("DiT-XXL/2")
+
+
+# --- adaLN-Zero and shapes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", ["text", "class", "none"])
+def test_fresh_model_outputs_exact_zeros(conditioning):
+    model = LatentDiTTransformer2DModel(**TINY, conditioning=conditioning, num_classes=10)
+    inputs = _inputs()
+    if conditioning != "text":
+        inputs.pop("encoder_hidden_states"), inputs.pop("pooled_projections")
+    if conditioning == "class":
+        inputs["class_labels"] = torch.tensor([3, 10])  # a real class and the null label
+    out = model(**inputs).sample
+    assert out.shape == (2, 4, 8, 8)
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("learn_sigma, out_channels", [(False, 4), (True, 8)])
+@pytest.mark.parametrize("conditioning", ["text", "class", "none"])
+def test_output_shape_per_mode(conditioning, learn_sigma, out_channels):
+    model = _perturbed(conditioning=conditioning, learn_sigma=learn_sigma, num_classes=10)
+    inputs = _inputs(batch=3)
+    if conditioning != "text":
+        inputs.pop("encoder_hidden_states"), inputs.pop("pooled_projections")
+    if conditioning == "class":
+        inputs["class_labels"] = torch.tensor([0, 9, 10])
+    out = model(**inputs).sample
+    assert model.out_channels == out_channels
+    assert out.shape == (3, out_channels, 8, 8)
+    assert out.abs().max() > 0
+    (tuple_out,) = model(**inputs, return_dict=False)
+    torch.testing.assert_close(tuple_out, out)
+
+
+def test_scalar_timestep_broadcasts_like_a_vector():
+    model = _perturbed()
+    inputs = _inputs()
+    vector = model(**{**inputs, "timestep": torch.tensor([250.0, 250.0])}).sample
+    scalar = model(**{**inputs, "timestep": 250}).sample
+    torch.testing.assert_close(scalar, vector)
+
+
+def test_class_labels_change_the_output():
+    model = _perturbed(conditioning="class", num_classes=10)
+    x, t = _randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    a = model(x, t, class_labels=torch.tensor([1, 1])).sample
+    b = model(x, t, class_labels=torch.tensor([1, 2])).sample
+    torch.testing.assert_close(a[0], b[0])
+    assert (a[1] - b[1]).abs().max() > 1e-4
+
+
+def test_missing_condition_raises():
+    with pytest.raises(ValueError, match="class_labels"):
+        _perturbed(conditioning="class", num_classes=10)(_randn(1, 4, 8, 8), 1)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        _perturbed()(_randn(1, 4, 8, 8), 1)
+
+
+# --- text conditioning ------------------------------------------------------------------------------------
+
+
+def test_padding_mask_is_honoured():
+    model = _perturbed()
+    inputs = _inputs()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    reference = model(**inputs, encoder_attention_mask=mask).sample
+
+    changed_padding = inputs["encoder_hidden_states"].clone()
+    changed_padding[0, 3:] = 100 * _randn(2, 24, seed=7)
+    changed_padding[1, 4:] = -100.0
+    out = model(**{**inputs, "encoder_hidden_states": changed_padding}, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+
+    changed_token = inputs["encoder_hidden_states"].clone()
+    changed_token[0, 1] = 3 * _randn(24, seed=8)
+    out = model(**{**inputs, "encoder_hidden_states": changed_token}, encoder_attention_mask=mask).sample
+    assert (out[0] - reference[0]).abs().max() > 1e-4  # a real token moved: the first image's output moves
+    torch.testing.assert_close(out[1], reference[1])  # the other sample is untouched
+
+    # Without a mask the padding tokens are attended to.
+    unmasked = model(**{**inputs, "encoder_hidden_states": changed_padding}).sample
+    assert (unmasked - reference).abs().max() > 1e-4
+
+
+def test_pooled_projection_dim_can_differ_from_token_dim():
+    model = _perturbed(pooled_embed_dim=16)
+    inputs = {**_inputs(), "pooled_projections": _randn(2, 16)}
+    assert model(**inputs).sample.shape == (2, 4, 8, 8)
+
+
+# --- position embeddings ----------------------------------------------------------------------------------
+
+
+def test_sincos_position_embedding_numbers():
+    dim, base = 16, 4
+    pos = sincos_pos_embed_2d(dim, base, base, base)  # the training grid: integer positions 0..3
+    assert pos.shape == (base * base, dim)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    row, col = 2, 3
+    expected = torch.cat([(row * omega).sin(), (row * omega).cos(), (col * omega).sin(), (col * omega).cos()]).float()
+    torch.testing.assert_close(pos[row * base + col], expected)
+
+    # A 2× larger grid interpolates: its even positions are exactly the training positions.
+    big = sincos_pos_embed_2d(dim, 2 * base, 2 * base, base)
+    torch.testing.assert_close(big[(2 * row) * (2 * base) + 2 * col], pos[row * base + col])
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (16, 16), (8, 16), (12, 4)])
+def test_any_latent_size_runs(height, width):
+    model = _perturbed()
+    out = model(**_inputs(height=height, width=width)).sample
+    assert out.shape == (2, 4, height, width)
+    assert torch.isfinite(out).all()
+
+
+def test_non_square_inputs_are_not_transposed():
+    # A tall input must not be treated as a wide one: swapping H and W changes the position layout.
+    model = _perturbed()
+    inputs = _inputs(height=8, width=16)
+    tall = model(**{**inputs, "hidden_states": inputs["hidden_states"].transpose(2, 3).contiguous()}).sample
+    wide = model(**inputs).sample
+    assert tall.shape == (2, 4, 16, 8) and wide.shape == (2, 4, 8, 16)
+    assert (tall.transpose(2, 3) - wide).abs().max() > 1e-5
+
+
+def test_size_not_divisible_by_patch_raises():
+    with pytest.raises(ValueError, match=r"9×8 .*patch size 2"):
+        _perturbed()(**_inputs(height=9, width=8))
+
+
+# --- training features and dtypes -------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = _inputs()
+
+    def grads(model):
+        model.train()
+        model(**inputs).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(_perturbed())
+    model = _perturbed()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed = grads(model)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    assert any(g.abs().max() > 0 for g in plain.values())
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+def test_low_precision_forward_is_close_to_float32(dtype, tolerance):
+    model = _perturbed()
+    inputs = _inputs()
+    reference = model(**inputs).sample
+    out = model.to(dtype)(**{k: v.to(dtype) for k, v in inputs.items()}).sample
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    error = (out.float() - reference).abs().max() / reference.abs().max()
+    assert error < tolerance, f"{dtype}: relative error {error:.4f}"
+
+
+def test_qk_norm_makes_attention_invariant_to_query_scale():
+    for use_qk_norm, should_change in ((True, False), (False, True)):
+        model = _perturbed(use_qk_norm=use_qk_norm)
+        inputs = _inputs()
+        reference = model(**inputs).sample
+        with torch.no_grad():
+            dim = TINY["hidden_size"]
+            for block in model.blocks:  # scale the queries of every self-attention by 10
+                block.attn.to_qkv.weight[:dim] *= 10
+                block.attn.to_qkv.bias[:dim] *= 10
+        out = model(**inputs).sample
+        changed = (out - reference).abs().max() > 1e-4 * reference.abs().max()
+        assert changed == should_change, f"use_qk_norm={use_qk_norm}"
+    assert isinstance(model.blocks[0].attn.norm_q, torch.nn.Identity)
+    assert isinstance(_perturbed(use_qk_norm=True).blocks[0].attn.norm_q, torch.nn.RMSNorm)
+
+
+# --- configuration and serialization ----------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = _perturbed(learn_sigma=True, prediction_type="v_prediction", use_qk_norm=True)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "LatentDiTTransformer2DModel"
+    assert (config["hidden_size"], config["learn_sigma"], config["prediction_type"]) == (32, True, "v_prediction")
+
+    loaded = LatentDiTTransformer2DModel.from_pretrained(tmp_path)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name in state:
+        assert torch.equal(state[name], loaded_state[name]), name
+    inputs = _inputs()
+    assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"conditioning": "audio"}, "conditioning='audio'"),
+        ({"prediction_type": "sample"}, "prediction_type='sample'"),
+        ({"hidden_size": 30, "num_heads": 4}, "hidden_size=30"),
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LatentDiTTransformer2DModel(**{**TINY, **overrides})
