@@ -10,5 +10,11 @@ from .pipelines import LatentDiTPipeline
 for _cls in (LatentDiTPipeline, LatentDiTTransformer2DModel):
     setattr(diffusers, _cls.__name__, _cls)
 
+# A folder shared on the Hub also carries copies of our code for plain diffusers (trust_remote_code=True);
+# with latent-dit installed, diffusers takes the installed classes instead (see hub.py).
+from .hub import connect_to_diffusers  # noqa: E402
+
+connect_to_diffusers()
+
 __all__ = ["PRESETS", "LatentDiTPipeline", "LatentDiTTransformer2DModel"]
 __version__ = "0.1.0"

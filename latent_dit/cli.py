@@ -111,6 +111,12 @@ def main(argv=None):
     cache_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cache_parser.add_argument("--batch-size", type=int, default=16, help="Images per encoder batch.")
     cache_parser.set_defaults(func=cache)
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(subparsers)
+    from .hub import add_push_parser
+
+    add_push_parser(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 

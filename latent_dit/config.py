@@ -91,6 +91,7 @@ class TrainConfig:
     report_to: str = "tensorboard"  # tensorboard | wandb | none
     push_to_hub: bool = False  # push the exported pipeline at the end
     hub_repo: str | None = None  # user/name for push_to_hub
+    push_checkpoints: bool = False  # with push_to_hub, also upload each checkpoint to the repo's "checkpoints" branch, in the background
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Config:
 
 
 CHOICES = {
+    "model.preset": tuple(PRESETS),
     "model.conditioning": ("text", "class", "none"),
     "model.prediction_type": ("epsilon", "v_prediction", "flow"),
     "data.empty_caption": ("skip", "keep"),
@@ -140,7 +142,7 @@ def _coerce(value, hint, key: str):
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}

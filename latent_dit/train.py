@@ -10,15 +10,17 @@ generator seeded by (seed, micro-step, process), so a resumed run repeats the un
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -30,6 +32,7 @@ from .config import Config, load_config, to_yaml, transformer_kwargs
 from .data import BucketBatchSampler, ImageCaptionDataset, collate, make_buckets, scan_dataset
 from .encoding import encode_captions, encode_images, latent_scaling
 from .export import export_pipeline
+from .hub import CheckpointPusher, check_can_push, push_after_training
 from .model import LatentDiTTransformer2DModel
 from .objective import build_objective
 from .validation import log_validation
@@ -71,6 +74,19 @@ def use_pipeline_components(cfg: Config):
     cfg.components.tokenizer_subfolder = "tokenizer"
 
 
+@contextlib.contextmanager
+def full_parameters(accelerator, model):
+    """The trained weights at full shape on every process (for the EMA): outside forward, FSDP (with
+    use_orig_params) leaves each process only its shard, so gather them for the duration."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield list(accelerator.unwrap_model(model).parameters())
+    else:
+        yield list(accelerator.unwrap_model(model).parameters())
+
+
 def micro_step_generator(seed: int, micro_step: int, process: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + micro_step * 1_009 + process)
 
@@ -110,23 +126,14 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
             "noisy_latents": objective.add_noise(latents, noise, timesteps), "conditioning": conditioning}
 
 
-def build_dataset(cfg: Config, scale_factor: int):
-    """The image dataset (scanned: bad files are skipped and counted) or the cached one, with bucket ids."""
-    if cfg.data.cache_dir and Path(cfg.data.cache_dir, "manifest.json").is_file():
-        check_cacheable(cfg)
-        dataset = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg))
-        return dataset, dataset.bucket_ids, dataset.manifest["class_names"], dataset.manifest["summary"], collate_cached
-    records, summary, class_names = scan_dataset(
-        cfg.data.source, image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
-        split=cfg.data.split, class_folders=cfg.data.class_folders, empty_caption=cfg.data.empty_caption,
-    )
+def image_dataset(cfg: Config, records: list, scale_factor: int) -> ImageCaptionDataset:
+    """The scanned records as pixel tensors, with bucket ids when aspect-ratio bucketing is on."""
     patch = transformer_kwargs(cfg.model)["patch_size"]
     buckets = make_buckets(cfg.data.resolution, scale_factor * patch) if cfg.data.use_buckets else None
-    dataset = ImageCaptionDataset(
+    return ImageCaptionDataset(
         records, resolution=cfg.data.resolution, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip,
         buckets=buckets, source=cfg.data.source, image_column=cfg.data.image_column, split=cfg.data.split, seed=cfg.train.seed,
     )
-    return dataset, dataset.bucket_ids, class_names, str(summary), collate
 
 
 def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
@@ -134,9 +141,14 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     invocation (with a checkpoint) after that many steps, e.g. to fit a job's time limit."""
     tc = cfg.train
     out = Path(tc.output_dir)
+    if tc.push_to_hub:
+        check_can_push(tc.hub_repo)  # a missing repo name or token fails now, not after training
     if tc.init_from:
         use_pipeline_components(cfg)
     accelerator = Accelerator(
+        # Under torchrun without a GPU, Accelerate sets up gloo only when told to use the CPU; otherwise
+        # every process would train alone, all writing the same run folder.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         log_with=None if tc.report_to == "none" else tc.report_to,
@@ -149,35 +161,42 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     components = FrozenComponents(cfg, device, frozen_dtype)
 
     # 1. Data first, so a folder with no usable image fails before any model loads.
-    vae_config = None
-    if cfg.data.cache_dir and Path(cfg.data.cache_dir, "manifest.json").is_file():
-        vae_config = json.loads(Path(cfg.data.cache_dir, "manifest.json").read_text())["vae_config"]
-        scale_factor = 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
-    else:
-        scale_factor = None  # known once the VAE is loaded, below
-    if scale_factor is None:
-        vae, tokenizer, text_encoder = components.get()
-        scale_factor = vae_scale_factor(vae)
-        vae_config = None if vae is None else dict(vae.config)
-    dataset, bucket_ids, class_names, data_summary, collate_fn = build_dataset(cfg, scale_factor)
-    cached = isinstance(dataset, CachedDataset)
+    cached = bool(cfg.data.cache_dir) and Path(cfg.data.cache_dir, "manifest.json").is_file()
+    if cached:
+        check_cacheable(cfg)
+        dataset = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg))
+        class_names, data_summary = dataset.manifest["class_names"], dataset.manifest["summary"]
+    else:  # scanned: bad files are skipped and counted
+        records, data_summary, class_names = scan_dataset(
+            cfg.data.source, image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
+            split=cfg.data.split, class_folders=cfg.data.class_folders, empty_caption=cfg.data.empty_caption,
+            resolution=cfg.data.resolution, show_progress=accelerator.is_local_main_process,
+        )
+        data_summary = str(data_summary)
     logger.info("Data: %s%s", data_summary, " (from the latent cache)" if cached else "")
+    if cfg.model.conditioning == "class" and not class_names:
+        raise ValueError("model.conditioning=class needs class-labelled data: set data.class_folders=true (one sub-folder per class).")
 
     # 2. Frozen parts of the step: encoders (uncached only), latent scaling, the null caption.
-    frozen = {"shift_scale": latent_scaling(vae_config), "num_classes": len(class_names or [])}
+    frozen = {"num_classes": len(class_names or [])}
     if cached:
+        vae_config = dataset.manifest["vae_config"]
+        scale_factor = 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
         frozen["null_text"] = dataset.null_text
         text_dim = dataset.manifest["text_embed_dim"]
         in_channels = 3 if vae_config is None else vae_config["latent_channels"]
     else:
         vae, tokenizer, text_encoder = components.get()
+        scale_factor = vae_scale_factor(vae)
+        vae_config = None if vae is None else dict(vae.config)
+        dataset = image_dataset(cfg, records, scale_factor)
         frozen.update(vae=vae, tokenizer=tokenizer, text_encoder=text_encoder)
         if text_encoder is not None:
             frozen["null_text"] = {k: v[0] for k, v in encode_captions(tokenizer, text_encoder, [""], cfg.data.max_text_length).items()}
         text_dim = text_embed_dim(text_encoder) if text_encoder is not None else None
         in_channels = vae_latent_channels(vae)
-    if cfg.model.conditioning == "class" and not class_names:
-        raise ValueError("model.conditioning=class needs class-labelled data: set data.class_folders=true (one sub-folder per class).")
+    frozen["shift_scale"] = latent_scaling(vae_config)
+    bucket_ids, collate_fn = dataset.bucket_ids, collate_cached if cached else collate
 
     # 3. Model, EMA, optimizer, LR schedule, objective.
     if tc.init_from:
@@ -223,8 +242,12 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
         (out / "config.yaml").write_text(to_yaml(cfg))
         accelerator.init_trackers("latent-dit", config={k: str(v) for k, v in vars(tc).items()})
 
+    pusher = CheckpointPusher(tc.hub_repo) if tc.push_to_hub and tc.push_checkpoints and accelerator.is_main_process else None
+
     def checkpoint_now():
-        save_checkpoint(accelerator, out, state.step, keep_last=tc.keep_checkpoints, extra_files={"config.yaml": to_yaml(cfg)})
+        path = save_checkpoint(accelerator, out, state.step, keep_last=tc.keep_checkpoints, extra_files={"config.yaml": to_yaml(cfg)})
+        if pusher is not None:
+            pusher.submit(path)  # uploads in the background to the repo's "checkpoints" branch
 
     def sample_now():
         vae, tokenizer, text_encoder = components.get()
@@ -241,6 +264,9 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
         sampler.set_epoch(state.epoch)
         dataset.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(dataloader, state.batch_in_epoch) if state.batch_in_epoch else dataloader
+        # Accelerate's loader re-seeds the sampler and dataset with its own pass count at each `iter`; make
+        # that count the run's epoch, or a resumed run would replay epoch 0's order.
+        epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
             generator = micro_step_generator(tc.seed, state.micro_step, accelerator.process_index, device)
             with accelerator.accumulate(model):
@@ -261,7 +287,8 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
                 continue
 
             state.step += 1
-            ema.step(accelerator.unwrap_model(model).parameters())
+            with full_parameters(accelerator, model) as parameters:
+                ema.step(parameters)
             progress.update(1)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # the only host sync
@@ -271,7 +298,8 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                 if accelerator.is_main_process:
                     with metrics_file.open("a") as f:
-                        f.write(json.dumps({"step": state.step, "loss": mean_loss, "lr": lr}) + "\n")
+                        seconds = round(time.time() - start_time, 3)  # since this invocation's loop began
+                        f.write(json.dumps({"step": state.step, "loss": mean_loss, "lr": lr, "seconds": seconds}) + "\n")
                 loss_sum.zero_()
                 loss_count = 0
             if tc.validate_every and state.step % tc.validate_every == 0:
@@ -288,6 +316,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
             state.batch_in_epoch = 0
     progress.close()
     stop.restore()
+    elapsed = time.time() - start_time  # the loop only: images_per_second is training throughput
 
     # 6. Export the EMA weights as a complete pipeline folder, and summarise.
     pipeline_dir = None
@@ -296,7 +325,10 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
             sample_now()
         vae, tokenizer, text_encoder = components.get()
         pipeline_dir = export_pipeline(accelerator, accelerator.unwrap_model(model), ema, vae, tokenizer, text_encoder, cfg, out)
-    elapsed = time.time() - start_time
+    if pusher is not None:
+        pusher.close()  # let the queued checkpoint uploads finish
+    if pipeline_dir is not None and tc.push_to_hub and accelerator.is_main_process:
+        push_after_training(pipeline_dir, tc.hub_repo)  # on failure: logs how to push later; the folder stays
     steps_done = state.step - start_step
     summary = {
         "steps": state.step, "steps_this_run": steps_done, "seconds": round(elapsed, 1),
