@@ -34,7 +34,7 @@ def generate(args) -> list[Path]:
                 "Pass --model PATH_OR_HUB_ID (a folder from `latent-dit train`), or --tiny-random to try the pipeline."
             )
         try:
-            pipe = load_pipeline(model, dtype=getattr(torch, args.dtype))
+            pipe = load_pipeline(model, dtype=getattr(torch, args.dtype), allow_pickle=args.allow_pickle)
         except (FileNotFoundError, OSError, ValueError) as error:
             sys.exit(f"error: could not load model {model!r}: {error}")
     pipe.to(_pick_device(args.device))
@@ -71,6 +71,8 @@ def add_generate_parser(subparsers):
     p.add_argument("--out", default="image.png", help="Output file; several images get -0, -1, ... suffixes.")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available).")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Also load pickled weights (.bin/.pt/.ckpt); they can run code, so only for files you trust.")
     p.set_defaults(func=generate)
 
 
