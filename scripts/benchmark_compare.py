@@ -1,0 +1,252 @@
+"""Side-by-side speed and memory: latent-dit vs diffusers' DiT / PixArt-α, same sizes, same inputs, same run.
+
+    python scripts/benchmark_compare.py                       # CPU: DiT-S/2 and DiT-B/2 on 32×32×4 latents
+    python scripts/benchmark_compare.py --presets DiT-XL/2 --latent-sizes 32 64 --dtype bf16   # a GPU
+    python scripts/benchmark_compare.py --compile             # also torch.compile both sides
+
+Training step = forward + MSE loss + backward + AdamW step. Class-conditional latent-dit is compared with
+`DiTTransformer2DModel`; text-conditioned latent-dit with `PixArtTransformer2DModel` (same depth, width,
+heads, patch, text length and width). Sampling = 20 steps with guidance, batch 4, our pipeline vs
+`PixArtAlphaPipeline` built with the same-size transformer, VAE, tokenizer and text encoder.
+Runs are interleaved (A, B, C, A, B, C, ...) and repeated; medians and spreads are reported.
+Peak memory is measured per model in a fresh subprocess (CUDA: max_memory_allocated; CPU: peak RSS
+growth over the model's resident size during the steps).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
+
+TEXT_LENGTH, TEXT_DIM = 77, 512  # CLIP ViT-B text states
+
+
+def build(kind: str, preset: str, latent_size: int):
+    """One of: ours-class, diffusers-dit, ours-text, diffusers-pixart — the same depth/width/heads/patch."""
+    p = PRESETS[preset]
+    heads, width = p["num_heads"], p["hidden_size"]
+    common = dict(patch_size=p["patch_size"], in_channels=4)
+    if kind == "ours-class":
+        return LatentDiTTransformer2DModel(**p, conditioning="class", learn_sigma=True, sample_size=latent_size)
+    if kind == "diffusers-dit":
+        return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
+                                     sample_size=latent_size, out_channels=8, **common)
+    if kind == "ours-text":
+        return LatentDiTTransformer2DModel(**p, conditioning="text", text_embed_dim=TEXT_DIM, sample_size=latent_size)
+    if kind == "diffusers-pixart":
+        return PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
+                                        sample_size=latent_size, out_channels=4, cross_attention_dim=width,
+                                        caption_channels=TEXT_DIM, use_additional_conditions=False, **common)
+    raise ValueError(kind)
+
+
+def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent_size, latent_size, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    text = torch.randn(batch, TEXT_LENGTH, TEXT_DIM, generator=g).to(device, dtype)
+    mask = torch.ones(batch, TEXT_LENGTH, dtype=torch.long, device=device)
+    mask[:, 20:] = 0  # realistic padding: 20 real tokens
+    pooled = text[:, 0]
+    kwargs = {
+        "ours-class": dict(class_labels=labels),
+        "diffusers-dit": dict(class_labels=labels),
+        "ours-text": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
+        "diffusers-pixart": dict(encoder_hidden_states=text, encoder_attention_mask=mask,
+                                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
+    }[kind]
+    return x, t, kwargs
+
+
+class TrainStep:
+    def __init__(self, kind, preset, latent_size, batch, device, dtype, compile_model):
+        self.model = build(kind, preset, latent_size).to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.x, self.t, self.kwargs = make_inputs(kind, batch, latent_size, device, dtype)
+        self.target = torch.randn_like(self.x)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.device, self.dtype = device, dtype
+
+    def __call__(self):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.forward(self.x, timestep=self.t, return_dict=False, **self.kwargs)[0]
+            loss = torch.nn.functional.mse_loss(out[:, :4].float(), self.target.float())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(runners: dict, repeats: int, warmup: int, device) -> dict:
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: summarize(values) for name, values in times.items()}
+
+
+def summarize(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median_s": statistics.median(values), "q1_s": q[0], "q3_s": q[2], "n": len(values)}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_child(kind, preset, latent_size, batch, device_name, dtype_name, steps) -> int:
+    """Run in a fresh process: peak bytes a training step needs beyond the model's weights."""
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    step = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    for _ in range(steps):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def peak_memory(kind, preset, latent_size, batch, device, dtype) -> int:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import benchmark_compare as b; "
+            f"print(b.peak_memory_child({kind!r}, {preset!r}, {latent_size}, {batch}, {device.type!r}, {str(dtype).split('.')[-1]!r}, 2))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def tiny_text_parts(device):
+    from latent_dit.tiny import make_tiny_text_encoder, make_tiny_tokenizer, make_tiny_vae
+    import tempfile
+
+    tokenizer = make_tiny_tokenizer(tempfile.mkdtemp())
+    text_encoder = make_tiny_text_encoder(len(tokenizer), hidden_size=TEXT_DIM).to(device)
+    return tokenizer, text_encoder, make_tiny_vae().to(device)
+
+
+def sampling_runners(preset, latent_size, device, dtype, compile_model):
+    """Our pipeline vs PixArtAlphaPipeline, same transformer size, VAE, tokenizer and text encoder."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    from latent_dit.components import build_pipeline
+
+    tokenizer, text_encoder, vae = tiny_text_parts(device)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    ours = build_pipeline(build("ours-text", preset, latent_size).to(device, dtype), vae=vae, tokenizer=tokenizer,
+                          text_encoder=text_encoder, scheduler=DPMSolverMultistepScheduler())
+    theirs = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                 transformer=build("diffusers-pixart", preset, latent_size).to(device, dtype),
+                                 scheduler=DPMSolverMultistepScheduler())
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        if compile_model:
+            pipe.transformer = torch.compile(pipe.transformer)
+    size = latent_size * vae_factor
+    prompts = ["a 3d rendered red apple emoji"] * 4
+    common = dict(num_inference_steps=20, guidance_scale=4.5, height=size, width=size, output_type="latent")
+    return {
+        "ours-pipeline": lambda: ours(prompts, generator=torch.Generator().manual_seed(0), **common),
+        "diffusers-pixart-pipeline": lambda: theirs(prompts, generator=torch.Generator().manual_seed(0),
+                                                    clean_caption=False, max_sequence_length=TEXT_LENGTH, **common),
+    }
+
+
+def ratio(results, ours, theirs):
+    return results[ours]["median_s"] / results[theirs]["median_s"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["DiT-S/2", "DiT-B/2"])
+    parser.add_argument("--latent-sizes", nargs="+", type=int, default=[32])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="Also time torch.compile'd models.")
+    parser.add_argument("--skip-sampling", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", default="benchmark-compare", help="Writes OUT.json and OUT.md.")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+
+    rows, report = [], {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+                                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                                    "diffusers": __import__("diffusers").__version__, "python": platform.python_version()},
+                        "args": vars(args), "results": []}
+    modes = [False, True] if args.compile else [False]
+    for preset in args.presets:
+        for latent_size in args.latent_sizes:
+            for compiled in modes:
+                tag = "compiled" if compiled else "eager"
+                runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
+                           for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")}
+                results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
+                del runners
+                entry = {"task": "train-step", "preset": preset, "latent": latent_size, "mode": tag, "timings": results,
+                         "ratio_class_vs_dit": ratio(results, "ours-class", "diffusers-dit"),
+                         "ratio_text_vs_pixart": ratio(results, "ours-text", "diffusers-pixart")}
+                if not args.skip_memory and not compiled:
+                    entry["peak_memory_mb"] = {kind: peak_memory(kind, preset, latent_size, args.batch_size, device, dtype) / 2**20
+                                               for kind in results}
+                report["results"].append(entry)
+                print(json.dumps(entry, indent=1))
+                for kind, r in results.items():
+                    mem = entry.get("peak_memory_mb", {}).get(kind)
+                    rows.append(f"| train step | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.1f} "
+                                f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {'' if mem is None else f'{mem:.0f}'} |")
+                rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f} | | |")
+            if not args.skip_sampling:
+                for compiled in modes:
+                    tag = "compiled" if compiled else "eager"
+                    with torch.no_grad():
+                        results = time_interleaved(sampling_runners(preset, latent_size, device, dtype, compiled),
+                                                   max(3, args.repeats // 3), 1, device)
+                    entry = {"task": "sampling-20-steps-cfg-batch4", "preset": preset, "latent": latent_size, "mode": tag,
+                             "timings": results, "ratio_vs_pixart_pipeline": ratio(results, "ours-pipeline", "diffusers-pixart-pipeline")}
+                    report["results"].append(entry)
+                    print(json.dumps(entry, indent=1))
+                    for kind, r in results.items():
+                        rows.append(f"| sampling | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.0f} "
+                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | |")
+                    rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | |")
+
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    header = ("| task | preset | latent | mode | model | median ms (q1–q3) | peak MB |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |\n")
+    out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\n" + header + "\n".join(rows) + "\n")
+    print(header + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
