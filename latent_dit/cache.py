@@ -105,7 +105,7 @@ def build_cache(cfg, vae, tokenizer=None, text_encoder=None, batch_size: int = 1
         records, summary, class_names = scan_dataset(
             cfg.data.source, image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
             split=cfg.data.split, class_folders=cfg.data.class_folders, empty_caption=cfg.data.empty_caption,
-            show_progress=show_progress,
+            resolution=cfg.data.resolution, show_progress=show_progress,
         )
         multiple = vae_scale_factor(vae) * transformer_kwargs(cfg.model)["patch_size"]
         buckets = make_buckets(cfg.data.resolution, multiple) if cfg.data.use_buckets else None
@@ -133,12 +133,13 @@ def build_cache(cfg, vae, tokenizer=None, text_encoder=None, batch_size: int = 1
     dataset = ImageCaptionDataset(records, resolution=cfg.data.resolution, **_source_kwargs(cfg))
     dataset.buckets = sorted({tuple(b) for b in manifest["buckets"]})
     dataset.bucket_ids = [dataset.buckets.index(tuple(b)) for b in manifest["buckets"]]
-    num_shards = -(-len(records) // SHARD_SIZE)
+    shard_size = manifest["shard_size"]  # a resumed cache keeps the layout it was started with
+    num_shards = -(-len(records) // shard_size)
     todo = [k for k in range(num_shards) if not (cache_dir / f"shard-{k:05d}.safetensors").is_file()]
-    progress = tqdm(total=len(records), initial=(num_shards - len(todo)) * SHARD_SIZE if todo else len(records),
+    progress = tqdm(total=len(records), initial=(num_shards - len(todo)) * shard_size if todo else len(records),
                     desc="Caching latents", disable=not show_progress)
     for k in todo:
-        indices = list(range(k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(records))))
+        indices = list(range(k * shard_size, min((k + 1) * shard_size, len(records))))
         sampler = BucketBatchSampler([dataset.bucket_ids[i] for i in indices], batch_size, seed=0, shuffle=False, drop_last=False)
         tensors = {}
         for local_batch in sampler:

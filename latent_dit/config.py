@@ -5,6 +5,7 @@ A YAML file lists only what differs from the defaults below, in sections `model`
 """
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,18 @@ CHOICES = {
 }
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML's YAML 1.1 also reads yes/no/on/off as booleans, which
+    would turn `mixed_precision: no` (Accelerate's own spelling) into False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _coerce(value, hint, key: str):
     """Check `value` against a type hint (int, float, str, bool, X | None, list[X]); ints pass as floats."""
     origin = typing.get_origin(hint)
@@ -175,12 +188,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist (see configs/ for examples).")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. train.learning_rate=3e-4")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), yaml.load(raw, Loader=_YamlLoader))
     return _build(Config, tree, "")
 
 

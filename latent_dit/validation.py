@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from .components import build_pipeline
+from .model import LatentDiTTransformer2DModel
 from .objective import build_inference_scheduler
 
 
@@ -18,6 +19,13 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
+
+
+def ema_copy(model, ema, device) -> LatentDiTTransformer2DModel:
+    """A plain model (not wrapped by DDP/FSDP, nor sharded) holding the EMA weights, for sampling and export."""
+    copy = LatentDiTTransformer2DModel.from_config(model.config).to(device)
+    ema.copy_to(copy.parameters())
+    return copy.eval()
 
 
 def sampling_pipeline(model, vae, tokenizer, text_encoder, cfg):
@@ -47,18 +55,13 @@ def sample_validation_images(pipe, cfg, seed: int = 0) -> tuple[list[Image.Image
 
 
 def log_validation(accelerator, model, ema, vae, tokenizer, text_encoder, cfg, step: int, out: Path):
-    """Sample with the EMA weights swapped in, save `samples/step-XXXXXXX.png`, and log it to the trackers."""
+    """Sample with the EMA weights, save `samples/step-XXXXXXX.png`, and log it to the trackers.
+
+    A copy of the model samples, not the trained one: under FSDP that one holds only this process's shard.
+    """
     if accelerator.is_main_process:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        was_training = model.training
-        model.eval()
-        try:
-            pipe = sampling_pipeline(model, vae, tokenizer, text_encoder, cfg)
-            images, titles = sample_validation_images(pipe, cfg)
-        finally:
-            ema.restore(model.parameters())
-            model.train(was_training)
+        pipe = sampling_pipeline(ema_copy(model, ema, accelerator.device), vae, tokenizer, text_encoder, cfg)
+        images, titles = sample_validation_images(pipe, cfg)
         grid = image_grid(images)
         path = out / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

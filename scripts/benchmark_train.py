@@ -1,0 +1,172 @@
+"""Training throughput of a config, with and without the latent cache: images/s and peak memory.
+
+    python scripts/benchmark_train.py --config tiny-cpu
+    python scripts/benchmark_train.py --config dit-s2-256 --synthetic 64 --steps 10 \\
+        --set components.vae=../shared/assets/taesd --set components.text_encoder=sentence-transformers/all-MiniLM-L6-v2
+
+`--config` takes a name in configs/ or a path; `--set` overrides as for `latent-dit train`. Each mode runs
+`latent_dit.train.main` in a fresh subprocess for `--warmup` + `--steps` optimizer steps (no validation,
+no export); images/s counts only the steps after the warmup, from the per-step times in metrics.jsonl
+(log_every=1, so each step ends with a host sync). Peak memory is per mode: torch.cuda.max_memory_allocated
+on a GPU, the process's peak resident set size (getrusage) on CPU. The cached mode first builds the cache
+with `latent-dit cache` in its own subprocess (its time is reported, not counted in images/s), so the
+training process never holds the VAE or the text encoder. `--synthetic N` trains on N drawn images at
+the config's resolution instead of data.source.
+
+Writes <out>/benchmark.json and appends one markdown table row per mode to <out>/benchmark.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("uncached", "cached")
+
+
+def config_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    path = REPO / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        sys.exit(f"error: no config {name!r} (neither a file nor configs/{name}.yaml)")
+    return path
+
+
+def write_synthetic_data(folder: Path, count: int, resolution: int) -> Path:
+    """`count` drawn images (a coloured shape on white, at the training resolution) with captions."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = ("ellipse", "rectangle")[i % 2]
+        image = Image.new("RGB", (resolution, resolution), "white")
+        low, high = sorted(rng.integers(resolution // 8, resolution * 7 // 8, 2))
+        getattr(ImageDraw.Draw(image), shape)([low, low, high, high], fill=color)
+        image.save(folder / f"{i:05d}.png")
+        rows.append({"file_name": f"{i:05d}.png", "text": f"a {shape} in rgb{color}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def run_overrides(args, mode: str, out: Path) -> list[str]:
+    """The benchmark's own settings: a throwaway run folder, no validation or export, a loss log every step."""
+    overrides = list(args.overrides) + [
+        f"train.output_dir={out / mode}", f"train.max_steps={args.warmup + args.steps + 1}", "train.log_every=1",
+        "train.validate_every=0", f"train.checkpoint_every={10**9}", "train.keep_checkpoints=1", "train.report_to=none",
+    ]
+    if args.synthetic:
+        overrides.append(f"data.source={out / 'synthetic-data'}")
+    return overrides + ([f"data.cache_dir={out / 'cache'}"] if mode == "cached" else [])
+
+
+def measure(args) -> dict:
+    """Worker: train warmup + steps steps in this process and report throughput and peak memory."""
+    import torch
+
+    from latent_dit import train
+    from latent_dit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    summary = train.main(cfg, stop_after=args.warmup + args.steps)  # stops before max_steps: no export
+    times = [json.loads(line)["seconds"] for line in Path(cfg.train.output_dir, "metrics.jsonl").read_text().splitlines()]
+    seconds = times[args.warmup + args.steps - 1] - times[args.warmup - 1]
+    images = args.steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        memory, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
+    else:  # ru_maxrss is in KiB on Linux, bytes on macOS
+        scale = 2**20 if sys.platform == "darwin" else 2**10
+        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, "peak RSS (getrusage)"
+    return {"images_per_second": round(images / seconds, 2), "seconds_per_step": round(seconds / args.steps, 4),
+            "measured_steps": args.steps, "warmup_steps": args.warmup, "peak_memory_mib": round(memory, 1),
+            "memory_kind": memory_kind, "cached": summary["cached"], "data": summary["data"].splitlines()[0]}
+
+
+def machine() -> dict:
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return {"device": device, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="A config name in configs/ (e.g. tiny-cpu) or a YAML path.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=20, help="Measured optimizer steps per mode.")
+    parser.add_argument("--warmup", type=int, default=3, help="Steps run first and not measured.")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="Train on N drawn images instead of data.source.")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--out", default=None, help="Results folder (default: runs/benchmark/<config name>).")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        sys.exit("error: --warmup and --steps must be at least 1")
+
+    if args.worker:
+        Path(args.result).write_text(json.dumps(measure(args)))
+        return
+
+    from latent_dit.config import load_config
+
+    path = config_path(args.config)
+    out = Path(args.out or REPO / "runs" / "benchmark" / path.stem).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(path, args.overrides)
+    if args.synthetic:
+        write_synthetic_data(out / "synthetic-data", args.synthetic, cfg.data.resolution)
+    results = {"config": str(path), "overrides": args.overrides, "synthetic_images": args.synthetic or None,
+               "batch_size": cfg.train.batch_size, "resolution": cfg.data.resolution, "preset": cfg.model.preset,
+               "machine": machine(), "modes": {}}
+    for mode in args.modes:
+        overrides = run_overrides(args, mode, out)
+        shutil.rmtree(out / mode, ignore_errors=True)  # a fresh run: metrics.jsonl is appended to
+        result = {}
+        if mode == "cached":
+            shutil.rmtree(out / "cache", ignore_errors=True)  # time a full build
+            start = time.time()
+            cache = [sys.executable, "-m", "latent_dit.cli", "cache", "--config", str(path), *[f"--set={o}" for o in overrides]]
+            subprocess.run(cache, check=True)
+            result["cache_build_seconds"] = round(time.time() - start, 1)
+        result_file = out / f"{mode}.json"
+        worker = [sys.executable, __file__, "--config", str(path), "--worker", mode, "--result", str(result_file),
+                  "--steps", str(args.steps), "--warmup", str(args.warmup), *[f"--set={o}" for o in overrides]]
+        subprocess.run(worker, check=True)
+        results["modes"][mode] = {**json.loads(result_file.read_text()), **result}
+
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = []
+    for mode, r in results["modes"].items():
+        cache_note = f", cache built in {r['cache_build_seconds']} s" if "cache_build_seconds" in r else ""
+        lines.append(f"| {path.stem} | {cfg.model.preset} | {cfg.data.resolution} px | {mode} | {results['machine']['device']} | "
+                     f"{cfg.train.batch_size} | {r['images_per_second']} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} |")
+    with (out / "benchmark.md").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("| config | model | size | mode | device | batch | images/s | peak memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(lines))
+    print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()
