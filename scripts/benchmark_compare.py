@@ -192,6 +192,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile'd models.")
     parser.add_argument("--skip-sampling", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default="benchmark-compare", help="Writes OUT.json and OUT.md.")
     args = parser.parse_args()
@@ -206,7 +207,7 @@ def main():
     modes = [False, True] if args.compile else [False]
     for preset in args.presets:
         for latent_size in args.latent_sizes:
-            for compiled in modes:
+            for compiled in modes if not args.skip_training else []:
                 tag = "compiled" if compiled else "eager"
                 runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
                            for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")}
