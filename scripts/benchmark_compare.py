@@ -174,7 +174,8 @@ def sampling_runners(preset, latent_size, device, dtype, compile_model):
     return {
         "ours-pipeline": lambda: ours(prompts, generator=torch.Generator().manual_seed(0), **common),
         "diffusers-pixart-pipeline": lambda: theirs(prompts, generator=torch.Generator().manual_seed(0),
-                                                    clean_caption=False, max_sequence_length=TEXT_LENGTH, **common),
+                                                    clean_caption=False, max_sequence_length=TEXT_LENGTH,
+                                                    use_resolution_binning=False, **common),
     }
 
 

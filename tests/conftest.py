@@ -13,10 +13,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Under pytest-xdist each worker is one process per core: more torch threads per worker only oversubscribe the
-# cores, and the tiny models here gain nothing from intra-op parallelism.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# The models here are tiny: thread hand-offs cost more than the maths, and under pytest-xdist each worker is
+# already one process per core, so more torch threads per worker only oversubscribe the cores.
+torch.set_num_threads(1)
 
 
 def shared_root() -> Path:

@@ -39,15 +39,6 @@ TOKEN = "hf_testTOKEN123"
 REPO = "me/tiny-dit"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class FakeHub:
     """A threaded HTTP server that keeps pushed files in memory: repos[repo][branch][path] = bytes."""
 

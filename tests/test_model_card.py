@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -17,15 +16,6 @@ from latent_dit.tiny import make_tiny_pipeline
 
 PROMPT = "a green square"
 REPO = "someone/tiny-dit"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def training_config(folder: Path, **sections) -> Config:
