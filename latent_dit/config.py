@@ -181,8 +181,10 @@ def _set_dotted(tree: dict, dotted: str, value):
     tree[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config and apply `key=value` overrides (values parsed as YAML: 3e-4, true, [a, b])."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config):
+    """Read a YAML config and apply `key=value` overrides (values parsed as YAML: 3e-4, true, [a, b]).
+
+    `schema` is the dataclass to build (`Config` for `latent-dit train`; scripts pass their own)."""
     tree = {}
     if path is not None:
         path = Path(path)
@@ -194,10 +196,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. train.learning_rate=3e-4")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.load(raw, Loader=_YamlLoader))
-    return _build(Config, tree, "")
+    return _build(schema, tree, "")
 
 
-def to_yaml(config: Config) -> str:
+def to_yaml(config) -> str:
     """The resolved config, as saved into the run folder and every checkpoint."""
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 

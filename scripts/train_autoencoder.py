@@ -15,7 +15,6 @@ process), so a resumed run repeats the uninterrupted one.
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -33,7 +31,7 @@ from tqdm.auto import tqdm
 
 from latent_dit.autoencoder import build_autoencoder, count_parameters, latent_statistics, psnr, reconstruct, reconstruction_loss
 from latent_dit.checkpointing import TrainState, load_checkpoint, resolve_resume, save_checkpoint
-from latent_dit.config import ConfigError, _build
+from latent_dit import config
 from latent_dit.data import open_image, resize_and_crop, scan_dataset, to_rgb
 from latent_dit.validation import image_grid
 
@@ -66,17 +64,7 @@ class AutoencoderTrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> AutoencoderTrainConfig:
     """YAML file + `key=value` overrides -> typed config; unknown keys and wrong types name the key."""
-    tree = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist (see configs/autoencoder-emoji.yaml).")
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. max_steps=200")
-        key, raw = item.split("=", 1)
-        tree[key.strip()] = yaml.safe_load(raw)
-    return _build(AutoencoderTrainConfig, tree, "")
+    return config.load_config(path, overrides, schema=AutoencoderTrainConfig)
 
 
 def load_images(source: str, resolution: int, limit: int | None = None, show_progress: bool = True) -> torch.Tensor:
@@ -151,7 +139,7 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
 
     # 1. Images, decoded once: a folder with no usable image fails before anything else.
     if not cfg.data:
-        raise ConfigError("data: set the training image folder (e.g. --set data=../shared/data/emoji_fluent3d_256)")
+        raise config.ConfigError("data: set the training image folder (e.g. --set data=../shared/data/emoji_fluent3d_256)")
     train_images = load_images(cfg.data, cfg.resolution, show_progress=show_progress)
     if len(train_images) < cfg.batch_size:
         raise ValueError(f"{cfg.data} has {len(train_images)} usable images, fewer than batch_size={cfg.batch_size}")
@@ -168,7 +156,7 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    config_yaml = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    config_yaml = config.to_yaml(cfg)
 
     # 3. Resume exactly where a checkpoint stopped.
     checkpoint = resolve_resume(out, resume)
@@ -252,5 +240,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
-    except ConfigError as error:
+    except config.ConfigError as error:
         sys.exit(f"error: {error}")
