@@ -51,6 +51,14 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type={prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
 
 
+def _check_flow_timesteps(num_train_timesteps: int) -> None:
+    if num_train_timesteps != FLOW_NUM_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"num_train_timesteps={num_train_timesteps} is not supported for 'flow': "
+            f"its timesteps are σ·{FLOW_NUM_TRAIN_TIMESTEPS}"
+        )
+
+
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a (N,) tensor so it broadcasts over the (N, C, H, W) ``like``."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
@@ -234,11 +242,7 @@ def build_objective(
     always σ·1000); ``logit_normal_*`` shape flow only."""
     _check_prediction_type(prediction_type)
     if prediction_type == "flow":
-        if num_train_timesteps != FLOW_NUM_TRAIN_TIMESTEPS:
-            raise ValueError(
-                f"num_train_timesteps={num_train_timesteps} is not supported for 'flow': "
-                f"its timesteps are σ·{FLOW_NUM_TRAIN_TIMESTEPS}"
-            )
+        _check_flow_timesteps(num_train_timesteps)
         noise_scheduler = None
     else:
         noise_scheduler = build_noise_scheduler(prediction_type, num_train_timesteps, beta_schedule)
@@ -268,11 +272,7 @@ def build_inference_scheduler(
         raise ValueError(f"sampler={sampler!r} is not one of {list(choices)} for prediction_type={prediction_type!r}")
 
     if prediction_type == "flow":
-        if num_train_timesteps != FLOW_NUM_TRAIN_TIMESTEPS:
-            raise ValueError(
-                f"num_train_timesteps={num_train_timesteps} is not supported for 'flow': "
-                f"its timesteps are σ·{FLOW_NUM_TRAIN_TIMESTEPS}"
-            )
+        _check_flow_timesteps(num_train_timesteps)
         # shift=1.0: training sampled σ without a resolution shift, so sampling uses the same σ axis.
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_NUM_TRAIN_TIMESTEPS, shift=1.0)
 
