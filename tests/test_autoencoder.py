@@ -2,10 +2,8 @@
 cases, latent statistics, and short training runs of a tiny AutoencoderTiny (loss falls, the export loads
 with load_vae and round-trips with unit-spread latents, resuming repeats the uninterrupted run)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,24 +19,12 @@ TINY = dict(encoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
             decoder_block_out_channels=(8, 8), num_decoder_blocks=(1, 1))  # 2 levels: ÷2
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
+from training_helpers import load_script  # noqa: E402
 
 train_ae = load_script("train_autoencoder")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run several times faster on one thread than on two contended ones (pytest -n 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from latent_dit.components import load_text_encoder, load_vae
 from latent_dit.data import collate, scan_dataset
 from latent_dit.encoding import encode_captions, latent_scaling
 from latent_dit.objective import build_objective
-from training_helpers import make_components, make_imagefolder, one_thread, tiny_config
+from training_helpers import make_components, make_imagefolder, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,6 @@ def components(tmp_path_factory) -> dict:
     return make_components(tmp_path_factory.mktemp("components"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def cached_config(tmp_path, components, overrides=(), count=4):

@@ -1,6 +1,5 @@
 """The built-in default model in checkpoints/: present, small, half precision, and drawing from a prompt."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

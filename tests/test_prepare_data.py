@@ -1,9 +1,7 @@
 """Tests for scripts/prepare_emoji_data.py: names from emoji-datasource, grouping skin tones, the seeded
 split by emoji, and the folders it writes, on a tiny fake pair of npm packages (no network)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +13,8 @@ from latent_dit.data import scan_dataset
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
+from training_helpers import load_script  # noqa: E402
 
 prep = load_script("prepare_emoji_data")
 

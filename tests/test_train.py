@@ -27,7 +27,6 @@ from training_helpers import (
     make_imagefolder,
     make_saved_dataset,
     make_sidecar_folder,
-    one_thread,
     read_metrics,
     subprocess_env,
     tiny_config,
@@ -41,10 +40,6 @@ def components(tmp_path_factory) -> dict:
     return make_components(tmp_path_factory.mktemp("components"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def record_batches(monkeypatch) -> list[list[int]]:

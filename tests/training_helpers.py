@@ -5,12 +5,13 @@ Everything is CPU-sized: 16-px images, a depth-2 width-32 DiT, a 2-level Autoenc
 CLIP text encoder, so a few hundred optimizer steps take seconds.
 """
 
+import importlib.util
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
-import torch
 import yaml
 from PIL import Image, ImageDraw
 
@@ -149,14 +150,10 @@ def read_metrics(output_dir: Path) -> dict[int, float]:
     return losses
 
 
-def one_thread():
-    """Context for a test body: torch on one thread (two xdist workers share 2 cores; tiny ops lose to thread sync)."""
-    class _OneThread:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return _OneThread()
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
