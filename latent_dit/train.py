@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
