@@ -163,6 +163,16 @@ def test_sincos_position_embedding_numbers():
     torch.testing.assert_close(big[(2 * row) * (2 * base) + 2 * col], pos[row * base + col])
 
 
+def test_training_grid_position_table_is_cached_and_other_grids_are_computed():
+    model = _perturbed()
+    grid = TINY["sample_size"] // TINY["patch_size"]
+    torch.testing.assert_close(model.pos_embed, sincos_pos_embed_2d(TINY["hidden_size"], grid, grid, grid))
+    assert model.position_embedding(grid, grid) is model.pos_embed  # no recomputation at the training size
+    torch.testing.assert_close(model.position_embedding(2 * grid, grid), sincos_pos_embed_2d(TINY["hidden_size"], 2 * grid, grid, grid))
+    assert "pos_embed" not in model.state_dict()  # fixed, so not saved: old checkpoints load unchanged
+    assert model.to(torch.bfloat16).pos_embed.dtype == torch.bfloat16  # moves and casts with the model
+
+
 @pytest.mark.parametrize("height, width", [(8, 8), (16, 16), (8, 16), (12, 4)])
 def test_any_latent_size_runs(height, width):
     model = _perturbed()

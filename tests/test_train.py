@@ -27,6 +27,7 @@ from training_helpers import (
     make_imagefolder,
     make_saved_dataset,
     make_sidecar_folder,
+    REPO_ROOT,
     read_metrics,
     subprocess_env,
     tiny_config,
@@ -267,3 +268,19 @@ def test_a_folder_without_usable_images_fails_before_any_model_loads(tmp_path, c
         train.main(tiny_config(data, tmp_path / "run", components))
     assert "skipped_corrupt: 2" in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_pipeline_dir, tmp_path):
+    """scripts/benchmark_train.py --modes cached bare: the input-bound check of issue 6 runs and reports its ratio."""
+    out = tmp_path / "bench"
+    sets = [f"components.vae={tiny_pipeline_dir}", "components.vae_subfolder=vae", f"components.text_encoder={tiny_pipeline_dir}",
+            "components.text_encoder_subfolder=text_encoder", "components.tokenizer_subfolder=tokenizer",
+            "data.resolution=32", "train.batch_size=4"]
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_train.py"), "--config", "tiny-cpu", "--synthetic", "8",
+               "--steps", "2", "--warmup", "1", "--modes", "cached", "bare", "--out", str(out), *[f"--set={s}" for s in sets]]
+    subprocess.run(command, check=True, cwd=tmp_path, env=subprocess_env(), capture_output=True)
+    results = json.loads((out / "benchmark.json").read_text())
+    cached, bare = results["modes"]["cached"], results["modes"]["bare"]
+    assert bare["data"] == "one resident cached batch" and bare["measured_steps"] == 2 and bare["images_per_second"] > 0
+    assert cached["cached"] is True and cached["images_per_second"] > 0
+    assert results["cached_over_bare"] == pytest.approx(cached["images_per_second"] / bare["images_per_second"], abs=1e-3)
