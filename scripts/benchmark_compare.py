@@ -73,7 +73,8 @@ def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
 class TrainStep:
     def __init__(self, kind, preset, latent_size, batch, device, dtype, compile_model):
         self.model = build(kind, preset, latent_size).to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # The same optimizer on both sides: fused AdamW, as latent-dit's trainer uses.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.x, self.t, self.kwargs = make_inputs(kind, batch, latent_size, device, dtype)
         self.target = torch.randn_like(self.x)
         self.forward = torch.compile(self.model) if compile_model else self.model

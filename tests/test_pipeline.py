@@ -177,7 +177,8 @@ def test_latents_argument_is_used(tiny_pipe):
 def test_prompt_embeds_path_equals_prompt_path(tiny_pipe):
     expected = generate(tiny_pipe, guidance_scale=3.0, negative_prompt="blurry")
     embeds, mask, pooled, negative, negative_mask, negative_pooled = tiny_pipe.encode_prompt(PROMPT, negative_prompt="blurry")
-    assert embeds.shape == (1, 77, 32) and mask.shape == (1, 77) and pooled.shape == (1, 32)
+    length = int(torch.cat([mask, negative_mask]).sum(1).max())  # the longer of the two prompts, not 77
+    assert embeds.shape == (1, length, 32) and mask.shape == (1, length) and pooled.shape == (1, 32)
     assert negative.shape == embeds.shape
     images = tiny_pipe(
         prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=negative,
@@ -189,7 +190,8 @@ def test_prompt_embeds_path_equals_prompt_path(tiny_pipe):
     # Only prompt_embeds: the negative side is the encoded empty prompt, as with text.
     images = tiny_pipe(prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0, num_inference_steps=2,
                        output_type="np", generator=torch.Generator().manual_seed(0)).images
-    np.testing.assert_array_equal(images, generate(tiny_pipe, guidance_scale=3.0))
+    # (equal up to float rounding: the two paths pad the empty negative prompt to different lengths)
+    np.testing.assert_allclose(images, generate(tiny_pipe, guidance_scale=3.0), atol=1e-6)
 
 
 def test_precomputed_embeddings_without_a_text_encoder(tiny_pipe):
@@ -212,6 +214,29 @@ def test_precomputed_embeddings_without_a_text_encoder(tiny_pipe):
 def test_padding_length_does_not_change_the_image(tiny_pipe):
     # Padding is masked out of cross-attention and pooling, so the padded length is irrelevant.
     np.testing.assert_allclose(generate(tiny_pipe, max_sequence_length=20), generate(tiny_pipe), atol=1e-5)
+
+
+def test_padding_no_prompt_uses_never_reaches_the_transformer(tiny_pipe):
+    from latent_dit.pipelines.pipeline_latent_dit import encode_text, pool_prompt_embeds, trim_padding
+
+    lengths = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    generate(tiny_pipe, prompt=[PROMPT, "ab"], guidance_scale=3.0, negative_prompt="a much longer negative prompt")
+    hook.remove()
+    longest = max(len(tiny_pipe.tokenizer(text).input_ids) for text in (PROMPT, "ab", "a much longer negative prompt"))
+    assert lengths == [longest] * 2  # 2 steps, each over the longest of the four prompts, not max_sequence_length=77
+
+    # Exact: the transformer's prediction is the same with the padding as without it.
+    padded, padded_mask = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT, "ab"], "cpu", 77)
+    [(trimmed, trimmed_mask)] = trim_padding((padded, padded_mask))
+    assert trimmed.shape[1] == trimmed_mask.shape[1] == int(padded_mask.sum(1).max()) < 77
+    pooled = pool_prompt_embeds(padded, padded_mask, tiny_pipe.text_encoder)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        full = tiny_pipe.transformer(x, t, padded, padded_mask, pooled).sample
+        short = tiny_pipe.transformer(x, t, trimmed, trimmed_mask, pooled).sample
+    torch.testing.assert_close(short, full)
 
 
 def test_clip_pooling_takes_the_end_of_text_state(tiny_pipe):
@@ -250,7 +275,8 @@ def test_callback_can_read_prompt_embeds(tiny_pipe):
 
     generate(tiny_pipe, guidance_scale=2.0, callback_on_step_end=callback,
              callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"])
-    assert seen["prompt_embeds"].shape == seen["negative_prompt_embeds"].shape == (1, 77, 32)
+    length = len(tiny_pipe.tokenizer(PROMPT).input_ids)  # unused padding is dropped (the empty negative is shorter)
+    assert seen["prompt_embeds"].shape == seen["negative_prompt_embeds"].shape == (1, length, 32)
 
 
 def test_progress_bar_is_shown_and_configurable(tiny_pipe):
