@@ -141,7 +141,8 @@ def test_load_text_encoder_and_generate(name, tmp_path):
     transformer = make_tiny_transformer(text_embed_dim=text_embed_dim(text_encoder))
     pipe = build_pipeline(transformer, vae=load_vae(str(tmp_path / "vae")), tokenizer=tokenizer, text_encoder=text_encoder)
     embeds, mask, pooled, *_ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=16)
-    assert embeds.shape == (1, 16, width) and pooled.shape == (1, width)
+    length = int(mask.sum())  # the prompt's tokens: padding no prompt uses is dropped
+    assert 1 < length <= 16 and embeds.shape == (1, length, width) and mask.all() and pooled.shape == (1, width)
     if name == "clip":  # CLIP: the end-of-text state
         torch.testing.assert_close(pooled[0], embeds[0, int(mask.sum()) - 1])
     else:  # T5 / BERT-like: the mean over real tokens

@@ -35,6 +35,19 @@ def encode_text(tokenizer, text_encoder, texts: list[str], device, max_sequence_
     return text_encoder(input_ids, attention_mask=mask).last_hidden_state, mask
 
 
+def trim_padding(*encodings):
+    """Drop the trailing token columns that no prompt uses, from (embeds, mask) pairs padded to one length.
+
+    Padding is masked out of cross-attention, so removing it changes no output, but attention and the K/V
+    projections then cost the longest prompt's length instead of `max_sequence_length` (77 for CLIP, while
+    most prompts are 10-20 tokens). Pairs that are None (no negative prompt) pass through.
+    """
+    masks = [mask for _, mask in encodings if mask is not None]
+    used = torch.cat(masks).any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1  # one host sync per pipeline call
+    return [(None, None) if mask is None else (embeds[:, :length], mask[:, :length]) for embeds, mask in encodings]
+
+
 class LatentDiTPipeline(DiffusionPipeline):
     r"""Text-to-image (or class-conditional, or unconditional) generation with a latent diffusion transformer.
 
@@ -108,7 +121,8 @@ class LatentDiTPipeline(DiffusionPipeline):
             finish(negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds)
             if do_classifier_free_guidance else (None, None, None)
         )
-        return (*positive, *negative)
+        (embeds, mask), (negative_embeds, negative_mask) = trim_padding(positive[:2], negative[:2])
+        return embeds, mask, positive[2], negative_embeds, negative_mask, negative[2]
 
     # ------------------------------------------------------------------ checks
     @property

@@ -224,6 +224,9 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # The training grid's position table, computed once and moved with the model (not saved: it is fixed).
+        grid = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid, grid), persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_embedding_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if conditioning == "class" else None
         self.text_embedder = (
@@ -281,6 +284,13 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """(height*width, D) position embeddings for a token grid: the cached table at the training size."""
+        base = self.config.sample_size // self.config.patch_size
+        if (height, width) == (base, base):
+            return self.pos_embed
+        return sincos_pos_embed_2d(self.config.hidden_size, height, width, base).to(self.pos_embed.device)
+
     def condition(self, timestep, class_labels=None) -> torch.Tensor:
         """The timestep (+ class) part of the vector c that drives adaLN; text mode adds the pooled prompt."""
         c = self.t_embedder(timestep)  # (N, D)
@@ -313,8 +323,7 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(N)
 
         x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)  # (N, T, D), T = H*W/p²
-        pos = sincos_pos_embed_2d(x.shape[-1], H // p, W // p, self.config.sample_size // p)
-        x = x + pos.to(device=x.device, dtype=x.dtype)
+        x = x + self.position_embedding(H // p, W // p).to(x.dtype)
         c = self.condition(timestep, class_labels=class_labels)  # (N, D)
 
         context, mask = None, None
