@@ -141,9 +141,12 @@ class DiTBlock(nn.Module):
 
     The conditioning vector c regresses a shift, scale and gate for the self-attention and MLP
     branches (DiT §3.2). The cross-attention branch sits between them, unmodulated, as in PixArt-α.
+    With `adaln_single` (PixArt-α's adaLN-single) the block has no regressor of its own: it receives the
+    six vectors from one regressor shared by all blocks, and adds its own learned table to them.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_cross_attention: bool, use_qk_norm: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_cross_attention: bool, use_qk_norm: bool,
+                 adaln_single: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, use_qk_norm=use_qk_norm)
@@ -157,10 +160,16 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
         )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        if adaln_single:
+            self.adaLN_modulation = None
+            self.scale_shift_table = nn.Parameter(torch.zeros(6 * hidden_size))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, context=None, context_mask=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        # c: (N, D), or with adaLN-single the shared regressor's (N, 6D) output.
+        modulation = self.adaLN_modulation(c) if self.adaLN_modulation is not None else c + self.scale_shift_table
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
@@ -212,6 +221,7 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         use_qk_norm: bool = False,
         frequency_embedding_size: int = 256,
+        adaln_single: bool = False,  # one modulation regressor shared by all blocks (PixArt-α) instead of one per block
     ):
         super().__init__()
         if conditioning not in CONDITIONING_MODES:
@@ -232,8 +242,9 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.text_embedder = (
             TextEmbedder(text_embed_dim, pooled_embed_dim or text_embed_dim, hidden_size) if conditioning == "text" else None
         )
+        self.shared_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln_single else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, conditioning == "text", use_qk_norm) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, conditioning == "text", use_qk_norm, adaln_single) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -267,9 +278,11 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 nn.init.zeros_(block.cross_attn.proj.weight)
         # adaLN-Zero: zero the modulation regressors so every residual gate is 0 and each block starts as
         # the identity; this is what made DiT train stably (paper §3.2, Fig. 5).
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # With adaLN-single the shared regressor is zeroed instead (the blocks' tables start at zero).
+        for regressor in [block.adaLN_modulation for block in self.blocks] + [self.shared_modulation]:
+            if regressor is not None:
+                nn.init.zeros_(regressor[-1].weight)
+                nn.init.zeros_(regressor[-1].bias)
         # Final layer outputs zero at init, so the first prediction is 0 for any input.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
@@ -335,11 +348,12 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
             if encoder_attention_mask is not None:
                 mask = encoder_attention_mask.bool()[:, None, None, :]  # (N, 1, 1, L), True = attend
 
+        block_c = self.shared_modulation(c) if self.shared_modulation is not None else c  # (N, 6D) or (N, D)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, context, mask)
+                x = self._gradient_checkpointing_func(block, x, block_c, context, mask)
             else:
-                x = block(x, c, context, mask)  # (N, T, D)
+                x = block(x, block_c, context, mask)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         output = self.unpatchify(x, H, W)  # (N, C_out, H, W)
         if not return_dict:

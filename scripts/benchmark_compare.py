@@ -42,8 +42,9 @@ def build(kind: str, preset: str, latent_size: int):
     if kind == "diffusers-dit":
         return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
                                      sample_size=latent_size, out_channels=8, **common)
-    if kind == "ours-text":
-        return LatentDiTTransformer2DModel(**p, conditioning="text", text_embed_dim=TEXT_DIM, sample_size=latent_size)
+    if kind in ("ours-text", "ours-text-single"):  # -single: adaLN-single, PixArt's shared modulation
+        return LatentDiTTransformer2DModel(**p, conditioning="text", text_embed_dim=TEXT_DIM, sample_size=latent_size,
+                                           adaln_single=kind == "ours-text-single")
     if kind == "diffusers-pixart":
         return PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
                                         sample_size=latent_size, out_channels=4, cross_attention_dim=width,
@@ -64,6 +65,7 @@ def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
         "ours-class": dict(class_labels=labels),
         "diffusers-dit": dict(class_labels=labels),
         "ours-text": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
+        "ours-text-single": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
         "diffusers-pixart": dict(encoder_hidden_states=text, encoder_attention_mask=mask,
                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
     }[kind]
@@ -193,6 +195,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile'd models.")
+    parser.add_argument("--adaln-single", action="store_true", help="Also time our text model with adaLN-single (adaln_single=True).")
     parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -212,12 +215,15 @@ def main():
             for compiled in modes if not args.skip_training else []:
                 tag = "compiled" if compiled else "eager"
                 runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
-                           for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")}
+                           for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")
+                           + (("ours-text-single",) if args.adaln_single else ())}
                 results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
                 del runners
                 entry = {"task": "train-step", "preset": preset, "latent": latent_size, "mode": tag, "timings": results,
                          "ratio_class_vs_dit": ratio(results, "ours-class", "diffusers-dit"),
                          "ratio_text_vs_pixart": ratio(results, "ours-text", "diffusers-pixart")}
+                if args.adaln_single:
+                    entry["ratio_text_single_vs_pixart"] = ratio(results, "ours-text-single", "diffusers-pixart")
                 if not args.skip_memory and not compiled:
                     entry["peak_memory_mb"] = {kind: peak_memory(kind, preset, latent_size, args.batch_size, device, dtype) / 2**20
                                                for kind in results}
@@ -227,7 +233,8 @@ def main():
                     mem = entry.get("peak_memory_mb", {}).get(kind)
                     rows.append(f"| train step | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.1f} "
                                 f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {'' if mem is None else f'{mem:.0f}'} |")
-                rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f} | | |")
+                single = f", ours adaLN-single/PixArt = {entry['ratio_text_single_vs_pixart']:.2f}" if args.adaln_single else ""
+                rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{single} | | |")
             if not args.skip_sampling:
                 for compiled in modes:
                     tag = "compiled" if compiled else "eager"

@@ -199,6 +199,29 @@ def test_size_not_divisible_by_patch_raises():
 # --- training features and dtypes -------------------------------------------------------------------------
 
 
+def test_adaln_single_shares_one_regressor_and_starts_as_identity():
+    per_block, single = LatentDiTTransformer2DModel(**TINY), LatentDiTTransformer2DModel(**TINY, adaln_single=True)
+    D, depth = TINY["hidden_size"], TINY["depth"]
+    regressor = D * 6 * D + 6 * D  # one SiLU -> Linear(D, 6D)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    # depth regressors become one shared regressor plus a 6D table per block.
+    assert count(per_block) - count(single) == depth * regressor - regressor - depth * 6 * D
+    assert all(block.adaLN_modulation is None and block.scale_shift_table.shape == (6 * D,) for block in single.blocks)
+
+    # adaLN-Zero still holds: every block of a fresh model is the identity, and the output is 0.
+    x, c6, context = _randn(2, 16, D, seed=4), single.shared_modulation(_randn(2, D, seed=5)), _randn(2, TEXT_LEN, D, seed=6)
+    for block in single.blocks:
+        torch.testing.assert_close(block(x, c6, context), x)
+    assert torch.count_nonzero(single(**_inputs()).sample) == 0
+
+    # Every parameter learns (the zeroed tables and regressor included), with gradient checkpointing too.
+    model = _perturbed(adaln_single=True)
+    model.enable_gradient_checkpointing()
+    model.train()
+    model(**_inputs()).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     inputs = _inputs()
 
@@ -251,7 +274,7 @@ def test_qk_norm_makes_attention_invariant_to_query_scale():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = _perturbed(learn_sigma=True, prediction_type="v_prediction", use_qk_norm=True)
+    model = _perturbed(learn_sigma=True, prediction_type="v_prediction", use_qk_norm=True, adaln_single=True)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_file()
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
