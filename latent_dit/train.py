@@ -125,6 +125,16 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
             "noisy_latents": objective.add_noise(latents, noise, timesteps), "conditioning": conditioning}
 
 
+def cached_parts(dataset: CachedDataset, num_classes: int) -> tuple[dict, int, int, int | None]:
+    """What a cached run needs of the encoders, read from the cache's manifest: the step's frozen inputs
+    (null caption, latent scaling, class count), the latent channels, the VAE scale factor and the text width."""
+    vae_config, text_dim = dataset.manifest["vae_config"], dataset.manifest["text_embed_dim"]
+    frozen = {"num_classes": num_classes, "null_text": dataset.null_text, "shift_scale": latent_scaling(vae_config)}
+    if vae_config is None:  # pixel space
+        return frozen, 3, 1, text_dim
+    return frozen, vae_config["latent_channels"], 2 ** (len(vae_config["block_out_channels"]) - 1), text_dim
+
+
 def build_model(cfg: Config, in_channels: int, latent_size: int, text_dim: int | None, num_classes: int) -> LatentDiTTransformer2DModel:
     """The DiT to train: the `init_from` pipeline's transformer, or a fresh one sized by `cfg.model` and the data."""
     if cfg.train.init_from:
@@ -202,24 +212,18 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
         raise ValueError("model.conditioning=class needs class-labelled data: set data.class_folders=true (one sub-folder per class).")
 
     # 2. Frozen parts of the step: encoders (uncached only), latent scaling, the null caption.
-    frozen = {"num_classes": len(class_names or [])}
     if cached:
-        vae_config = dataset.manifest["vae_config"]
-        scale_factor = 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
-        frozen["null_text"] = dataset.null_text
-        text_dim = dataset.manifest["text_embed_dim"]
-        in_channels = 3 if vae_config is None else vae_config["latent_channels"]
+        frozen, in_channels, scale_factor, text_dim = cached_parts(dataset, len(class_names or []))
     else:
         vae, tokenizer, text_encoder = components.get()
         scale_factor = vae_scale_factor(vae)
-        vae_config = None if vae is None else dict(vae.config)
         dataset = image_dataset(cfg, records, scale_factor)
-        frozen.update(vae=vae, tokenizer=tokenizer, text_encoder=text_encoder)
+        frozen = {"num_classes": len(class_names or []), "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder,
+                  "shift_scale": latent_scaling(None if vae is None else dict(vae.config))}
         if text_encoder is not None:
             frozen["null_text"] = {k: v[0] for k, v in encode_captions(tokenizer, text_encoder, [""], cfg.data.max_text_length).items()}
         text_dim = text_embed_dim(text_encoder) if text_encoder is not None else None
         in_channels = vae_latent_channels(vae)
-    frozen["shift_scale"] = latent_scaling(vae_config)
     bucket_ids, collate_fn = dataset.bucket_ids, collate_cached if cached else collate
 
     # 3. Model, EMA, optimizer, LR schedule, objective.

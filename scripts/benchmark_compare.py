@@ -65,10 +65,9 @@ def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
         "ours-class": dict(class_labels=labels),
         "diffusers-dit": dict(class_labels=labels),
         "ours-text": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
-        "ours-text-single": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
         "diffusers-pixart": dict(encoder_hidden_states=text, encoder_attention_mask=mask,
                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
-    }[kind]
+    }[kind.removesuffix("-single")]  # adaLN-single takes the same inputs
     return x, t, kwargs
 
 

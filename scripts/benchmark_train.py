@@ -103,19 +103,14 @@ def measure_bare(args) -> dict:
     from latent_dit import train
     from latent_dit.cache import CachedDataset, cache_fingerprint, collate_cached
     from latent_dit.config import load_config
-    from latent_dit.encoding import latent_scaling
 
     cfg = load_config(args.config, args.overrides)
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=tc.mixed_precision)
-    dataset = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg))
-    manifest, device = dataset.manifest, accelerator.device
-    vae_config = manifest["vae_config"]
-    scale_factor = 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
+    dataset, device = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg)), accelerator.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_cached([dataset[i] for i in range(tc.batch_size)]).items()}
-    frozen = {"null_text": dataset.null_text, "shift_scale": latent_scaling(vae_config), "num_classes": len(manifest["class_names"] or [])}
-    model = train.build_model(cfg, 3 if vae_config is None else vae_config["latent_channels"], cfg.data.resolution // scale_factor,
-                              manifest["text_embed_dim"], frozen["num_classes"])
+    frozen, in_channels, scale_factor, text_dim = train.cached_parts(dataset, len(dataset.manifest["class_names"] or []))
+    model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"])
     optimizer = train.build_optimizer(model, tc)
     model = torch.compile(model) if tc.use_compile else model
     model, optimizer = accelerator.prepare(model, optimizer)
