@@ -23,6 +23,10 @@ PRESETS = {
     # 128-px emoji -> 16x16x4 latents (48x fewer numbers); 1.8 M parameters.
     "emoji-f8": dict(encoder_block_out_channels=(64,) * 4, num_encoder_blocks=(1, 2, 2, 2),
                      decoder_block_out_channels=(64,) * 4, num_decoder_blocks=(2, 2, 2, 1)),
+    # emoji-f4's encoder (so its latent space) with a decoder twice as wide and deeper: 0.85 M decoder
+    # parameters. Trained with `decoder_from` on a frozen emoji-f4 encoder, as sd-vae-ft-mse retrained SD's decoder.
+    "emoji-f4-wide-decoder": dict(encoder_block_out_channels=(32,) * 3, num_encoder_blocks=(1, 2, 2),
+                                  decoder_block_out_channels=(64,) * 3, num_decoder_blocks=(3, 3, 1)),
     # TAESD's own sizes (2.4 M parameters, ÷8), trained from scratch like the others.
     "taesd": dict(encoder_block_out_channels=(64,) * 4, num_encoder_blocks=(1, 3, 3, 3),
                   decoder_block_out_channels=(64,) * 4, num_decoder_blocks=(3, 3, 3, 1)),
@@ -37,6 +41,25 @@ def build_autoencoder(preset: str = "emoji-f4", latent_channels: int = 4, **over
     # The decoder maps its [0, 1] output to [-1, 1] with 2x - 1, so a zero bias starts every image black;
     # 0.5 starts it mid-grey, halfway to anything, which saves the first steps of training.
     torch.nn.init.constant_(vae.decoder.layers[-1].bias, 0.5)
+    return vae
+
+
+def with_new_decoder(source: AutoencoderTiny, preset: str) -> AutoencoderTiny:
+    """A `preset` autoencoder whose encoder is `source`'s, frozen, with a fresh decoder of the preset's sizes.
+
+    Only the decoder then trains, so the latent space (and `scaling_factor` / `shift_factor`, copied over)
+    stays `source`'s: cached latents and any DiT trained on them keep working with the new decoder.
+    """
+    if not isinstance(source, AutoencoderTiny):
+        raise ValueError(f"decoder_from must be an AutoencoderTiny (this script's exports), not {type(source).__name__}")
+    vae = build_autoencoder(preset, source.config.latent_channels)
+    for key in ("encoder_block_out_channels", "num_encoder_blocks"):
+        if tuple(vae.config[key]) != tuple(source.config[key]):
+            raise ValueError(f"preset {preset!r} has {key}={tuple(vae.config[key])} but the source autoencoder has "
+                             f"{tuple(source.config[key])}: pick a preset with the source's encoder sizes")
+    vae.encoder.load_state_dict(source.encoder.state_dict())
+    vae.encoder.requires_grad_(False)
+    vae.register_to_config(scaling_factor=source.config.scaling_factor, shift_factor=source.config.shift_factor)
     return vae
 
 

@@ -37,6 +37,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state is a process-wide singleton: a test that builds an Accelerator with other settings
+    (mixed precision, a fresh "process") resets it, and leaves none behind for the next test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    reset()
+    yield reset
+    reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny random text-to-image pipeline (AutoencoderKL ×2, CLIP text encoder, depth-2 DiT)."""

@@ -163,3 +163,34 @@ def test_resumed_training_repeats_the_uninterrupted_run(image_folder, tmp_path, 
 def test_too_few_images_is_an_error(image_folder, tmp_path, tiny_preset):
     with pytest.raises(ValueError, match="fewer than batch_size"):
         train_ae.main(tiny_config(image_folder, tmp_path / "run", tiny_preset, batch_size=9), show_progress=False)
+
+
+def test_a_new_decoder_trains_on_the_frozen_encoder_and_keeps_the_latent_space(image_folder, tmp_path, tiny_preset,
+                                                                                monkeypatch, fresh_accelerate_state):
+    """decoder_from: the export has the source's encoder weights and latent factors, the preset's wider decoder,
+    and that decoder has learnt (its reconstructions beat the untrained one's); bf16 autocast trains it too."""
+    source_dir = tmp_path / "source"
+    train_ae.main(tiny_config(image_folder, source_dir, tiny_preset, max_steps=5), show_progress=False)
+    source = load_vae(str(source_dir / "autoencoder"))
+    monkeypatch.setitem(PRESETS, "test-wide-decoder", {**TINY, "decoder_block_out_channels": (16, 16),
+                                                        "num_decoder_blocks": (2, 1)})
+    out = tmp_path / "decoder"
+    fresh_accelerate_state()  # a new process's worth of Accelerate state: this run is in bf16
+    summary = train_ae.main(tiny_config(image_folder, out, "test-wide-decoder", decoder_from=str(source_dir / "autoencoder"),
+                                        mixed_precision="bf16"), show_progress=False)
+    vae = load_vae(str(out / "autoencoder"))
+    assert tuple(vae.config.decoder_block_out_channels) == (16, 16) and summary["decoder_from"] == str(source_dir / "autoencoder")
+    for name, weight in source.encoder.state_dict().items():
+        torch.testing.assert_close(vae.encoder.state_dict()[name], weight, msg=name)
+    assert vae.config.scaling_factor == source.config.scaling_factor and vae.config.shift_factor == source.config.shift_factor
+    heldout = train_ae.to_model_range(train_ae.load_images(str(image_folder / "heldout"), 16, show_progress=False))
+    torch.manual_seed(0)
+    untrained = autoencoder.with_new_decoder(source, "test-wide-decoder")
+    assert summary["psnr"] > psnr(reconstruct(untrained, heldout), heldout).mean().item() + 3
+
+    # An encoder of other sizes is a different latent space: refused, naming the mismatch.
+    monkeypatch.setitem(PRESETS, "test-other-encoder", {**TINY, "encoder_block_out_channels": (16, 16)})
+    with pytest.raises(ValueError, match="encoder_block_out_channels"):
+        autoencoder.with_new_decoder(source, "test-other-encoder")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train_ae.main(tiny_config(image_folder, out, "test-wide-decoder", mixed_precision="fp8"), show_progress=False)

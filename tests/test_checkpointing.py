@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from latent_dit.checkpointing import (
     TrainState,
@@ -27,11 +26,9 @@ from latent_dit.checkpointing import (
 
 
 @pytest.fixture(autouse=True)
-def reset_accelerate_state():
+def reset_accelerate_state(fresh_accelerate_state):
     # Accelerator state is a process-wide singleton; each test builds its own (as accelerate's tests do).
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    return fresh_accelerate_state
 
 
 def _build_training(seed: int) -> SimpleNamespace:
@@ -160,7 +157,7 @@ def test_bad_save_arguments_raise(tmp_path):
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-def test_load_restores_weights_optimizer_scheduler_train_state_and_rng(tmp_path):
+def test_load_restores_weights_optimizer_scheduler_train_state_and_rng(tmp_path, reset_accelerate_state):
     training = _build_training(seed=0)
     for _ in range(3):
         _train_step(training)
@@ -170,8 +167,7 @@ def test_load_restores_weights_optimizer_scheduler_train_state_and_rng(tmp_path)
     random_after_save = torch.rand(4)
 
     # A fresh "process": new state singleton, differently initialised model, untouched optimizer.
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     resumed = _build_training(seed=123)
     assert not torch.equal(resumed.accelerator.unwrap_model(resumed.model).weight, saved["weight"])
     assert resumed.optimizer.state_dict()["state"] == {}

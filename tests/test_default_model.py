@@ -46,3 +46,16 @@ def test_prompt_steers_the_default():
     # The same noise, two colour words: the red prompt's image is redder than the green one's.
     redness = lambda im: float((im[..., 0] - im[..., 1]).mean())
     assert redness(red) > redness(green) + 0.05
+
+
+def test_default_ships_the_current_source_for_remote_code():
+    """Plain diffusers runs the default with trust_remote_code from the copies in the folder: they must be
+    today's pipeline and model, not an older version (re-copy them after changing either source)."""
+    from pathlib import Path
+
+    import latent_dit.model
+    from latent_dit.hub import MODEL_MODULE, PIPELINE_MODULE
+
+    pipeline_source = Path(__file__).resolve().parent.parent / "pipelines" / f"{PIPELINE_MODULE}.py"
+    assert (DEFAULT_MODEL / f"{PIPELINE_MODULE}.py").read_text() == pipeline_source.read_text()
+    assert (DEFAULT_MODEL / "transformer" / f"{MODEL_MODULE}.py").read_text() == Path(latent_dit.model.__file__).read_text()
