@@ -279,6 +279,24 @@ def test_callback_can_read_prompt_embeds(tiny_pipe):
     assert seen["prompt_embeds"].shape == seen["negative_prompt_embeds"].shape == (1, length, 32)
 
 
+def test_callback_can_change_prompt_embeds_for_the_next_steps(tiny_pipe):
+    """Guidance inputs are stacked once before the loop; a callback that returns new prompt embeddings must
+    still reach the transformer from the next step on (here: the negative prompt's, so cond == uncond)."""
+    texts = []
+    tiny_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: texts.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        return {"prompt_embeds": callback_kwargs["negative_prompt_embeds"]} if step == 0 else {}
+
+    generate(tiny_pipe, num_inference_steps=3, guidance_scale=2.0, callback_on_step_end=callback,
+             callback_on_step_end_tensor_inputs=["negative_prompt_embeds"])
+    negative, positive = texts[0].chunk(2)
+    assert not torch.equal(negative, positive)
+    for later in texts[1:]:
+        torch.testing.assert_close(later, torch.cat([negative, negative]))
+
+
 def test_progress_bar_is_shown_and_configurable(tiny_pipe):
     stream = io.StringIO()
     tiny_pipe.set_progress_bar_config(file=stream, disable=False, desc="denoising")

@@ -202,6 +202,14 @@ class LatentDiTPipeline(DiffusionPipeline):
             )
 
     # ------------------------------------------------------------------ latents
+    def condition_inputs(self, conditional: dict, unconditional: dict) -> dict:
+        """The transformer's condition inputs (text states, mask, pooled vector; or class labels) for the
+        denoising loop. With classifier-free guidance each is stacked [unconditional; conditional] to match the
+        doubled latents: once before the loop, again only if a step callback changes the prompt embeddings."""
+        if not self.do_classifier_free_guidance:
+            return conditional
+        return {k: torch.cat([unconditional[k], conditional[k]]) for k in conditional}
+
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -314,6 +322,11 @@ class LatentDiTPipeline(DiffusionPipeline):
                 max_sequence_length, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             )
             batch_size = prompt_embeds.shape[0]
+            model_kwargs = {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_attention_mask,
+                            "pooled_projections": pooled}
+            negative_kwargs = {"encoder_hidden_states": negative_prompt_embeds,
+                               "encoder_attention_mask": negative_prompt_attention_mask,
+                               "pooled_projections": negative_pooled}
         elif mode == "class":
             labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, device=device)
             num_classes = self.transformer.config.num_classes
@@ -340,30 +353,17 @@ class LatentDiTPipeline(DiffusionPipeline):
         extra_step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
         # 6. Denoising loop
+        kwargs = self.condition_inputs(model_kwargs, negative_kwargs)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if mode == "text":
-                    model_kwargs = {
-                        "encoder_hidden_states": prompt_embeds,
-                        "encoder_attention_mask": prompt_attention_mask,
-                        "pooled_projections": pooled,
-                    }
-                    negative_kwargs = {
-                        "encoder_hidden_states": negative_prompt_embeds,
-                        "encoder_attention_mask": negative_prompt_attention_mask,
-                        "pooled_projections": negative_pooled,
-                    }
                 latent_model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):
                     latent_model_input = self.scheduler.scale_model_input(latents, t)
                 if self.do_classifier_free_guidance:
                     # Batched classifier-free guidance: one pass over [unconditional; conditional].
                     latent_model_input = torch.cat([latent_model_input] * 2)
-                    kwargs = {k: torch.cat([negative_kwargs[k], model_kwargs[k]]) for k in model_kwargs}
-                else:
-                    kwargs = model_kwargs
                 timestep = t.expand(latent_model_input.shape[0]).to(device)
                 noise_pred = self.transformer(latent_model_input, timestep, return_dict=False, **kwargs)[0]
                 noise_pred = noise_pred[:, :num_channels]  # drop the learned-sigma half, if any
@@ -381,8 +381,12 @@ class LatentDiTPipeline(DiffusionPipeline):
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if mode == "text" and {"prompt_embeds", "negative_prompt_embeds"} & callback_outputs.keys():
+                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        model_kwargs["encoder_hidden_states"] = prompt_embeds
+                        negative_kwargs["encoder_hidden_states"] = negative_prompt_embeds
+                        kwargs = self.condition_inputs(model_kwargs, negative_kwargs)
                 progress_bar.update()
 
         # 7. Decode
