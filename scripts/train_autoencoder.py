@@ -52,6 +52,7 @@ class AutoencoderTrainConfig:
     preset: str = "emoji-f4"  # sizes from latent_dit.autoencoder.PRESETS
     latent_channels: int = 4  # channels of the latent image
     decoder_from: str | None = None  # an exported autoencoder: keep its encoder frozen, train a new `preset` decoder
+    latent_noise: float = 0.0  # with decoder_from: std of noise on the latents the decoder trains on (DiT units: 1 = their spread)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast; bf16 pays on CPUs with AVX512-BF16 too)
     output_dir: str = "runs/autoencoder"  # checkpoints, logs and the exported `autoencoder/` folder
     seed: int = 0  # seeds init and every batch draw
@@ -88,16 +89,24 @@ def load_images(source: str, resolution: int, limit: int | None = None, show_pro
 
 class EncodeDecode(torch.nn.Module):
     """decode(encode(x)) as one `forward`, so DDP sees the whole pass (`AutoencoderTiny.forward` would round
-    the latents to bytes, which lets no gradient through to the encoder)."""
+    the latents to bytes, which lets no gradient through to the encoder).
 
-    def __init__(self, vae):
+    With `latent_noise` the decoder sees, in training, latents off by Gaussian noise of that std (in units of
+    the latents' spread, what the DiT works in): a DiT's samples are never exact latents of an image, and a
+    decoder that has learnt to map near-misses back to clean images draws them sharper.
+    """
+
+    def __init__(self, vae, latent_noise: float = 0.0):
         super().__init__()
         self.vae = vae
         self.train_encoder = any(p.requires_grad for p in vae.encoder.parameters())
+        self.latent_noise = latent_noise
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             latents = self.vae.encode(pixel_values).latents
+        if self.training and self.latent_noise > 0:
+            latents = latents + torch.randn_like(latents) * (self.latent_noise / self.vae.config.scaling_factor)
         return self.vae.decode(latents).sample
 
 
@@ -144,6 +153,8 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
     out = Path(cfg.output_dir)
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise config.ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of no, bf16, fp16")
+    if cfg.latent_noise and not cfg.decoder_from:
+        raise config.ConfigError("latent_noise needs decoder_from: the latents' spread is known only once an encoder is trained")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_config=ProjectConfiguration(project_dir=str(out)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -167,7 +178,7 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
     else:
         vae = build_autoencoder(cfg.preset, cfg.latent_channels).train()
         logger.info("AutoencoderTiny %s: %.2f M parameters", cfg.preset, count_parameters(vae) / 1e6)
-    model = EncodeDecode(vae.to(memory_format=torch.channels_last))  # NHWC: ~1.5x faster convolutions on CPU
+    model = EncodeDecode(vae.to(memory_format=torch.channels_last), cfg.latent_noise)  # NHWC: ~1.5x faster convolutions on CPU
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,

@@ -192,5 +192,24 @@ def test_a_new_decoder_trains_on_the_frozen_encoder_and_keeps_the_latent_space(i
     monkeypatch.setitem(PRESETS, "test-other-encoder", {**TINY, "encoder_block_out_channels": (16, 16)})
     with pytest.raises(ValueError, match="encoder_block_out_channels"):
         autoencoder.with_new_decoder(source, "test-other-encoder")
+    with pytest.raises(ValueError, match="latent_noise needs decoder_from"):
+        train_ae.main(tiny_config(image_folder, out, tiny_preset, latent_noise=0.1), show_progress=False)
     with pytest.raises(ValueError, match="mixed_precision"):
         train_ae.main(tiny_config(image_folder, out, "test-wide-decoder", mixed_precision="fp8"), show_progress=False)
+
+
+def test_latent_noise_perturbs_the_decoder_input_in_training_only():
+    vae = build_autoencoder("emoji-f4")
+    vae.register_to_config(scaling_factor=4.0)
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda latents: seen.append(latents) or decode(latents)
+    model = train_ae.EncodeDecode(vae, latent_noise=0.5)
+    pixels = torch.rand(8, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        clean = vae.encode(pixels).latents
+        model.train()(pixels)
+        model.eval()(pixels)
+    # In DiT units ((z - shift) * scaling_factor) the noise has std 0.5; evaluation decodes the exact latents.
+    assert ((seen[0] - clean) * 4.0).std().item() == pytest.approx(0.5, rel=0.05)
+    torch.testing.assert_close(seen[1], clean)
