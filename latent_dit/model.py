@@ -99,6 +99,19 @@ class TextEmbedder(nn.Module):
         return self.token_proj(tokens), self.pooled_proj(pooled)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors, by PyTorch's fused `scaled_dot_product_attention`.
+
+    On a CPU, bf16 pays for GEMMs but not for attention: PyTorch's CPU attention kernels ran 1.1-2.5x slower
+    in bf16 than in float32 at every sequence length measured (docs/benchmarks.md), so there q, k and v
+    go through in float32, outside autocast. On a GPU, bf16 stays and picks the flash kernel.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention`.
 
@@ -128,7 +141,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.to_qkv(x).view(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.norm_q(q), self.norm_k(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, T, d)
+        x = attention(q, k, v, mask)  # (N, H, T, d)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 

@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from latent_dit import model as model_module
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel, sincos_pos_embed_2d
 from latent_dit.tiny import make_tiny_transformer
 
@@ -251,6 +253,29 @@ def test_low_precision_forward_is_close_to_float32(dtype, tolerance):
     assert torch.isfinite(out).all()
     error = (out.float() - reference).abs().max() / reference.abs().max()
     assert error < tolerance, f"{dtype}: relative error {error:.4f}"
+
+
+def test_attention_runs_in_float32_on_cpu_under_bf16_autocast(monkeypatch):
+    """PyTorch's CPU attention kernels are slower in bf16 than in float32 (docs/benchmarks.md), so under bf16
+    autocast on a CPU the attention itself gets float32 inputs and hands bf16 back; the result matches float32."""
+    model = _perturbed()
+    inputs = _inputs()
+    reference = model(**inputs).sample
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(**inputs).sample
+    assert len(seen) == 2 * TINY["depth"] and set(seen) == {(torch.float32,) * 3}  # self + cross, every block
+    error = (out.float() - reference).abs().max() / reference.abs().max()
+    assert error < 0.03, f"relative error {error:.4f}"
+    q = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
+    assert model_module.attention(q, q, q).dtype == torch.bfloat16
 
 
 def test_qk_norm_makes_attention_invariant_to_query_scale():
