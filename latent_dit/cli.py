@@ -42,7 +42,8 @@ def generate(args) -> list[Path]:
     try:
         images = pipe(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_interval=tuple(args.guidance_interval),
+            num_images_per_prompt=args.num_images,
             generator=generator,
         ).images
     except ValueError as error:
@@ -56,6 +57,11 @@ def generate(args) -> list[Path]:
     return paths
 
 
+def add_guidance_interval_argument(parser):
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                        help="Guide only where the noise level (1 = pure noise) is in [LOW, HIGH]; default 0 1: every step.")
+
+
 def add_generate_parser(subparsers):
     p = subparsers.add_parser("generate", help="Generate images from a prompt.")
     p.add_argument("prompt", help="What to draw.")
@@ -64,6 +70,7 @@ def add_generate_parser(subparsers):
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=25, help="Denoising steps.")
     p.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale (1 disables it).")
+    add_guidance_interval_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="Pixels; default: the model's training size.")
     p.add_argument("--width", type=int, default=None)

@@ -156,7 +156,7 @@ def load_real_images(records, size: tuple[int, int], show_progress: bool = False
 
 
 def generate_images(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int,
-                    show_progress: bool = False) -> torch.Tensor:
+                    guidance_interval: tuple[float, float] = (0.0, 1.0), show_progress: bool = False) -> torch.Tensor:
     """One image per caption as uint8 (N, 3, H, W); image i uses the generator seeded `seed + i`, so the
     images do not depend on the batch size."""
     pipe.set_progress_bar_config(disable=True)
@@ -164,7 +164,8 @@ def generate_images(pipe, captions: list[str], *, steps: int, guidance: float, s
     for start in tqdm(range(0, len(captions), batch_size), desc="Generating", unit="batch", disable=not show_progress):
         prompts = captions[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(prompts))]
-        output = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np").images
+        output = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
+                      generator=generators, output_type="np").images
         images.append(torch.from_numpy((np.clip(output, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
     return torch.cat(images)
 
@@ -173,7 +174,7 @@ def generate_images(pipe, captions: list[str], *, steps: int, guidance: float, s
 
 
 def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int = 25, guidance: float = 4.5,
-             batch_size: int = 16, seed: int = 0, device: str | None = None, save_images: str | None = None,
+             guidance_interval: tuple[float, float] = (0.0, 1.0), batch_size: int = 16, seed: int = 0, device: str | None = None, save_images: str | None = None,
              show_progress: bool = True) -> dict:
     """Generate from held-out captions, and return {"fid", "fid_floor", ...} (see the module docstring)."""
     from .cli import _pick_device
@@ -195,7 +196,7 @@ def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int
     # 1. Generated images, one per held-out caption.
     pipe = load_pipeline(model).to(device)
     generated = generate_images(pipe, [r.caption for r in heldout], steps=steps, guidance=guidance, seed=seed,
-                                batch_size=batch_size, show_progress=show_progress)
+                                batch_size=batch_size, guidance_interval=guidance_interval, show_progress=show_progress)
     size = tuple(generated.shape[-2:])
     del pipe
     if save_images:
@@ -226,7 +227,8 @@ def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int
         "fid": fid_from_features(generated_features, features_of(heldout)),
         "fid_floor": fid_from_features(features_of(real_a), features_of(real_b)),
         "n": n, "n_floor": n_floor, "model": str(model), "data": str(data), "heldout": str(heldout_folder),
-        "resolution": list(size), "steps": steps, "guidance": guidance, "seed": seed,
+        "resolution": list(size), "steps": steps, "guidance": guidance,
+        "guidance_interval": list(guidance_interval), "seed": seed,
         "features": f"{INCEPTION_PACKAGE}/{INCEPTION_FILE} (TF Inception pool3, 2048-d)",
         "seconds": round(time.time() - start_time, 1),
     }
@@ -241,7 +243,7 @@ def eval_command(args):
     model = args.model or str(DEFAULT_MODEL)
     try:
         results = evaluate(model, args.data, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
-                           batch_size=args.batch_size, seed=args.seed, device=args.device, save_images=args.save_images)
+                           guidance_interval=tuple(args.guidance_interval), batch_size=args.batch_size, seed=args.seed, device=args.device, save_images=args.save_images)
     except (ImportError, FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(f"FID {results['fid']:.2f} on {results['n']} images (real-vs-real floor {results['fid_floor']:.2f} "
@@ -254,6 +256,8 @@ def eval_command(args):
 
 
 def add_eval_parser(subparsers):
+    from .cli import add_guidance_interval_argument
+
     p = subparsers.add_parser("eval", help="FID of a model's images against held-out images (needs the [eval] extra).")
     p.add_argument("--model", default=None, help="Pipeline folder or Hub id (default: the built-in model).")
     p.add_argument("--data", required=True,
@@ -261,6 +265,7 @@ def add_eval_parser(subparsers):
     p.add_argument("--num-images", type=int, default=None, help="Held-out captions to draw (default: all of them).")
     p.add_argument("--steps", type=int, default=25, help="Denoising steps.")
     p.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale.")
+    add_guidance_interval_argument(p)
     p.add_argument("--batch-size", type=int, default=16, help="Images per pipeline call.")
     p.add_argument("--seed", type=int, default=0, help="Seeds generation, the caption subset and the floor's draw.")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available).")

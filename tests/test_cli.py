@@ -45,12 +45,17 @@ def test_images_match_the_pipeline(tiny_pipeline_dir, tmp_path):
 
     from latent_dit.components import load_pipeline
 
-    _generate(tiny_pipeline_dir, tmp_path / "x.png", "--guidance", "3", seed=3, num_images=1)
     pipe = load_pipeline(str(tiny_pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe("a red fox", height=16, width=24, num_inference_steps=2, guidance_scale=3.0,
-                    generator=torch.Generator().manual_seed(3)).images[0]
-    np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "x.png")), np.asarray(expected))
+    drawn = []
+    for interval in ((0.0, 1.0), (0.7, 1.0)):
+        _generate(tiny_pipeline_dir, tmp_path / "x.png", "--guidance", "3", "--guidance-interval", *map(str, interval),
+                  seed=3, num_images=1)
+        expected = pipe("a red fox", height=16, width=24, num_inference_steps=2, guidance_scale=3.0,
+                        guidance_interval=interval, generator=torch.Generator().manual_seed(3)).images[0]
+        drawn.append(np.asarray(PIL.Image.open(tmp_path / "x.png")))
+        np.testing.assert_array_equal(drawn[-1], np.asarray(expected))
+    assert not np.array_equal(*drawn)  # the interval reached the pipeline
 
 
 def test_bfloat16(tiny_pipeline_dir, tmp_path):

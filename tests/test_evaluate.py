@@ -170,11 +170,12 @@ def test_eval_command_end_to_end(tiny_pipeline_dir, tmp_path):
     split = write_split_folder(tmp_path)
     out = tmp_path / "results" / "fid.json"
     main(["eval", "--model", str(tiny_pipeline_dir), "--data", str(split), "--steps", "2", "--guidance", "2.0",
-          "--batch-size", "2", "--seed", "1", "--device", "cpu", "--save-images", str(tmp_path / "generated"),
+          "--guidance-interval", "0.2", "0.9", "--batch-size", "2", "--seed", "1", "--device", "cpu", "--save-images", str(tmp_path / "generated"),
           "--out", str(out)])
     results = json.loads(out.read_text())
     assert {"fid", "fid_floor", "n", "n_floor", "model", "data", "steps", "guidance", "seed", "seconds"} <= set(results)
     assert (results["n"], results["n_floor"], results["steps"], results["guidance"], results["seed"]) == (3, 3, 2, 2.0, 1)
+    assert results["guidance_interval"] == [0.2, 0.9]
     assert results["model"] == str(tiny_pipeline_dir) and results["data"] == str(split)
     assert results["resolution"] == [16, 16]
     assert np.isfinite(results["fid"]) and results["fid"] > 0 and results["fid_floor"] >= 0

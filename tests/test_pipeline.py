@@ -98,6 +98,25 @@ def test_guidance_one_is_the_conditional_prediction(tiny_pipe):
     assert np.abs(guided - unguided).max() > 1e-3
 
 
+def test_guidance_interval_guides_only_the_steps_whose_noise_level_is_inside(tiny_pipe):
+    calls = CallRecorder(tiny_pipe.transformer)
+    full = generate(tiny_pipe, guidance_scale=3.0, num_inference_steps=4)
+    assert generate(tiny_pipe, guidance_scale=3.0, num_inference_steps=4, guidance_interval=(0.0, 1.0)).tolist() == full.tolist()
+    calls.batches.clear(), calls.timesteps.clear()
+    partial = generate(tiny_pipe, guidance_scale=3.0, num_inference_steps=4, guidance_interval=(0.3, 0.8))
+    levels = [t[0].item() / tiny_pipe.scheduler.config.num_train_timesteps for t in calls.timesteps]
+    assert calls.batches == [2 if 0.3 <= level <= 0.8 else 1 for level in levels]
+    assert 1 in calls.batches and 2 in calls.batches, levels  # the interval splits this schedule
+    assert np.abs(partial - full).max() > 1e-4
+    # An interval that holds no step is no guidance at all.
+    unguided = generate(tiny_pipe, guidance_scale=1.0, num_inference_steps=4)
+    np.testing.assert_allclose(generate(tiny_pipe, guidance_scale=3.0, num_inference_steps=4, guidance_interval=(0.0, 1e-6)),
+                               unguided, atol=1e-6)
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), (0.1,)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            generate(tiny_pipe, guidance_scale=3.0, guidance_interval=bad)
+
+
 def test_negative_prompt_changes_the_guided_image(tiny_pipe):
     default = generate(tiny_pipe, guidance_scale=3.0)
     explicit_empty = generate(tiny_pipe, guidance_scale=3.0, negative_prompt="")
