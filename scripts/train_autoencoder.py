@@ -39,6 +39,7 @@ from latent_dit.checkpointing import TrainState, load_checkpoint, resolve_resume
 from latent_dit.components import load_vae
 from latent_dit import config
 from latent_dit.data import open_image, resize_and_crop, scan_dataset, to_rgb
+from latent_dit.train import warn_if_emulated_bf16
 from latent_dit.validation import image_grid
 
 logger = logging.getLogger("train_autoencoder")
@@ -53,7 +54,7 @@ class AutoencoderTrainConfig:
     latent_channels: int = 4  # channels of the latent image
     decoder_from: str | None = None  # an exported autoencoder: keep its encoder frozen, train a new `preset` decoder
     latent_noise: float = 0.0  # with decoder_from: std of noise on the latents the decoder trains on (DiT units: 1 = their spread)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast; bf16 pays on CPUs with AVX512-BF16 too)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast; bf16 pays on CPUs with AVX512-BF16/AMX, not on others)
     output_dir: str = "runs/autoencoder"  # checkpoints, logs and the exported `autoencoder/` folder
     seed: int = 0  # seeds init and every batch draw
     max_steps: int = 2000  # optimizer steps
@@ -159,6 +160,7 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     set_seed(cfg.seed)
+    warn_if_emulated_bf16(cfg.mixed_precision, accelerator.device)
     show_progress = show_progress and accelerator.is_main_process
 
     # 1. Images, decoded once: a folder with no usable image fails before anything else.

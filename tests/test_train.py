@@ -270,6 +270,20 @@ def test_a_folder_without_usable_images_fails_before_any_model_loads(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(avx512_bf16, amx, warned, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    with caplog.at_level("WARNING", logger="latent_dit.train"):
+        message = train.warn_if_emulated_bf16("bf16", torch.device("cpu"))
+    assert (message is not None) == warned
+    if warned:
+        assert "mixed_precision: no" in message and message in caplog.text
+    # float32 on any CPU, and bf16 on a GPU, never warn
+    assert train.warn_if_emulated_bf16("no", torch.device("cpu")) is None
+    assert train.warn_if_emulated_bf16("bf16", torch.device("cuda")) is None
+
+
 def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_pipeline_dir, tmp_path):
     """scripts/benchmark_train.py --modes cached bare: the input-bound check of issue 6 runs and reports its ratio."""
     out = tmp_path / "bench"
