@@ -44,8 +44,9 @@ def build_autoencoder(preset: str = "emoji-f4", latent_channels: int = 4, **over
     return vae
 
 
-def with_new_decoder(source: AutoencoderTiny, preset: str) -> AutoencoderTiny:
-    """A `preset` autoencoder whose encoder is `source`'s, frozen, with a fresh decoder of the preset's sizes.
+def with_new_decoder(source: AutoencoderTiny, preset: str, use_source_decoder: bool = False) -> AutoencoderTiny:
+    """A `preset` autoencoder whose encoder is `source`'s, frozen, with a fresh decoder of the preset's sizes
+    (or, with `use_source_decoder`, a copy of `source`'s decoder to fine-tune; the sizes must then match).
 
     Only the decoder then trains, so the latent space (and `scaling_factor` / `shift_factor`, copied over)
     stays `source`'s: cached latents and any DiT trained on them keep working with the new decoder.
@@ -59,6 +60,12 @@ def with_new_decoder(source: AutoencoderTiny, preset: str) -> AutoencoderTiny:
                              f"{tuple(source.config[key])}: pick a preset with the source's encoder sizes")
     vae.encoder.load_state_dict(source.encoder.state_dict())
     vae.encoder.requires_grad_(False)
+    if use_source_decoder:
+        for key in ("decoder_block_out_channels", "num_decoder_blocks"):
+            if tuple(vae.config[key]) != tuple(source.config[key]):
+                raise ValueError(f"use_source_decoder: preset {preset!r} has {key}={tuple(vae.config[key])} but the "
+                                 f"source's decoder has {tuple(source.config[key])}: set preset to the source's sizes")
+        vae.decoder.load_state_dict(source.decoder.state_dict())
     vae.register_to_config(scaling_factor=source.config.scaling_factor, shift_factor=source.config.shift_factor)
     return vae
 

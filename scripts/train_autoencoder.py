@@ -53,6 +53,7 @@ class AutoencoderTrainConfig:
     preset: str = "emoji-f4"  # sizes from latent_dit.autoencoder.PRESETS
     latent_channels: int = 4  # channels of the latent image
     decoder_from: str | None = None  # an exported autoencoder: keep its encoder frozen, train a new `preset` decoder
+    use_source_decoder: bool = False  # with decoder_from: fine-tune its decoder (preset of its sizes) instead of a fresh one
     latent_noise: float = 0.0  # with decoder_from: std of noise on the latents the decoder trains on (DiT units: 1 = their spread)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast; bf16 pays on CPUs with AVX512-BF16/AMX, not on others)
     output_dir: str = "runs/autoencoder"  # checkpoints, logs and the exported `autoencoder/` folder
@@ -156,6 +157,8 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
         raise config.ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of no, bf16, fp16")
     if cfg.latent_noise and not cfg.decoder_from:
         raise config.ConfigError("latent_noise needs decoder_from: the latents' spread is known only once an encoder is trained")
+    if cfg.use_source_decoder and not cfg.decoder_from:
+        raise config.ConfigError("use_source_decoder needs decoder_from: the exported autoencoder whose decoder to fine-tune")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_config=ProjectConfiguration(project_dir=str(out)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -174,8 +177,9 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
 
     # 2. Model, optimizer, schedule.
     if cfg.decoder_from:
-        vae = with_new_decoder(load_vae(cfg.decoder_from), cfg.preset).train()
-        logger.info("New %s decoder (%.2f M parameters) on the frozen encoder of %s", cfg.preset,
+        vae = with_new_decoder(load_vae(cfg.decoder_from), cfg.preset, cfg.use_source_decoder).train()
+        logger.info("%s %s decoder (%.2f M parameters) on the frozen encoder of %s",
+                    "Fine-tuning the" if cfg.use_source_decoder else "New", cfg.preset,
                     count_parameters(vae.decoder) / 1e6, cfg.decoder_from)
     else:
         vae = build_autoencoder(cfg.preset, cfg.latent_channels).train()
@@ -250,7 +254,8 @@ def main(cfg: AutoencoderTrainConfig, resume: str | None = None, stop_after: int
             "scaling_factor": 1.0 / std, "shift_factor": mean, "steps": state.step,
             "steps_this_run": state.step - start_step, "seconds": round(seconds, 1),
             "final_loss": losses[max(losses)] if losses else None, "data": cfg.data, "heldout": cfg.heldout,
-            "decoder_from": cfg.decoder_from, "mixed_precision": cfg.mixed_precision,
+            "decoder_from": cfg.decoder_from, "use_source_decoder": cfg.use_source_decoder,
+            "latent_noise": cfg.latent_noise, "mixed_precision": cfg.mixed_precision,
         }
         export_dir = out / "autoencoder"
         vae.save_pretrained(export_dir, safe_serialization=True)

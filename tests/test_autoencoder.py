@@ -188,6 +188,21 @@ def test_a_new_decoder_trains_on_the_frozen_encoder_and_keeps_the_latent_space(i
     untrained = autoencoder.with_new_decoder(source, "test-wide-decoder")
     assert summary["psnr"] > psnr(reconstruct(untrained, heldout), heldout).mean().item() + 3
 
+    # use_source_decoder fine-tunes the source's decoder instead: at learning rate 0 the export is that decoder,
+    # with latent_noise recorded; with a decoder of other sizes it is refused, naming the mismatch.
+    fresh_accelerate_state()
+    tuned = train_ae.main(tiny_config(image_folder, tmp_path / "tuned", "test-wide-decoder", decoder_from=str(out / "autoencoder"),
+                                      use_source_decoder=True, latent_noise=0.1, learning_rate=0.0, max_steps=2),
+                          show_progress=False)
+    assert tuned["use_source_decoder"] and tuned["latent_noise"] == 0.1
+    assert tuned["psnr"] == pytest.approx(summary["psnr"], abs=1e-3)
+    for name, weight in vae.decoder.state_dict().items():
+        torch.testing.assert_close(load_vae(str(tmp_path / "tuned" / "autoencoder")).decoder.state_dict()[name], weight, msg=name)
+    with pytest.raises(ValueError, match="use_source_decoder: .*decoder_block_out_channels"):
+        autoencoder.with_new_decoder(vae, tiny_preset, use_source_decoder=True)
+    with pytest.raises(ValueError, match="use_source_decoder needs decoder_from"):
+        train_ae.main(tiny_config(image_folder, out, tiny_preset, use_source_decoder=True), show_progress=False)
+
     # An encoder of other sizes is a different latent space: refused, naming the mismatch.
     monkeypatch.setitem(PRESETS, "test-other-encoder", {**TINY, "encoder_block_out_channels": (16, 16)})
     with pytest.raises(ValueError, match="encoder_block_out_channels"):
