@@ -54,17 +54,18 @@ def with_new_decoder(source: AutoencoderTiny, preset: str, use_source_decoder: b
     if not isinstance(source, AutoencoderTiny):
         raise ValueError(f"decoder_from must be an AutoencoderTiny (this script's exports), not {type(source).__name__}")
     vae = build_autoencoder(preset, source.config.latent_channels)
-    for key in ("encoder_block_out_channels", "num_encoder_blocks"):
-        if tuple(vae.config[key]) != tuple(source.config[key]):
-            raise ValueError(f"preset {preset!r} has {key}={tuple(vae.config[key])} but the source autoencoder has "
-                             f"{tuple(source.config[key])}: pick a preset with the source's encoder sizes")
+
+    def require_source_sizes(part: str, why: str):
+        for key in (f"{part}_block_out_channels", f"num_{part}_blocks"):
+            if tuple(vae.config[key]) != tuple(source.config[key]):
+                raise ValueError(f"{why}preset {preset!r} has {key}={tuple(vae.config[key])} but the source autoencoder "
+                                 f"has {tuple(source.config[key])}: pick a preset with the source's {part} sizes")
+
+    require_source_sizes("encoder", "")
     vae.encoder.load_state_dict(source.encoder.state_dict())
     vae.encoder.requires_grad_(False)
     if use_source_decoder:
-        for key in ("decoder_block_out_channels", "num_decoder_blocks"):
-            if tuple(vae.config[key]) != tuple(source.config[key]):
-                raise ValueError(f"use_source_decoder: preset {preset!r} has {key}={tuple(vae.config[key])} but the "
-                                 f"source's decoder has {tuple(source.config[key])}: set preset to the source's sizes")
+        require_source_sizes("decoder", "use_source_decoder: ")
         vae.decoder.load_state_dict(source.decoder.state_dict())
     vae.register_to_config(scaling_factor=source.config.scaling_factor, shift_factor=source.config.shift_factor)
     return vae

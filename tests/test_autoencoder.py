@@ -196,8 +196,9 @@ def test_a_new_decoder_trains_on_the_frozen_encoder_and_keeps_the_latent_space(i
                           show_progress=False)
     assert tuned["use_source_decoder"] and tuned["latent_noise"] == 0.1
     assert tuned["psnr"] == pytest.approx(summary["psnr"], abs=1e-3)
+    tuned_decoder = load_vae(str(tmp_path / "tuned" / "autoencoder")).decoder.state_dict()
     for name, weight in vae.decoder.state_dict().items():
-        torch.testing.assert_close(load_vae(str(tmp_path / "tuned" / "autoencoder")).decoder.state_dict()[name], weight, msg=name)
+        torch.testing.assert_close(tuned_decoder[name], weight, msg=name)
     with pytest.raises(ValueError, match="use_source_decoder: .*decoder_block_out_channels"):
         autoencoder.with_new_decoder(vae, tiny_preset, use_source_decoder=True)
     with pytest.raises(ValueError, match="use_source_decoder needs decoder_from"):
