@@ -91,7 +91,7 @@ class TextEmbedder(nn.Module):
         super().__init__()
         # A two-layer MLP on the tokens, as PixArt's caption projection.
         self.token_proj = nn.Sequential(
-            nn.Linear(text_embed_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+            nn.Linear(text_embed_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
         )
         self.pooled_proj = nn.Sequential(nn.SiLU(), nn.Linear(pooled_embed_dim, hidden_size))
 
@@ -100,15 +100,18 @@ class TextEmbedder(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors, by PyTorch's fused `scaled_dot_product_attention`.
+    """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors; `mask` is boolean, True = attend.
 
-    On a CPU, bf16 pays for GEMMs but not for attention: PyTorch's CPU attention kernels ran 1.1-2.5x slower
-    in bf16 than in float32 at every sequence length measured (docs/benchmarks.md), so there q, k and v
-    go through in float32, outside autocast. On a GPU, bf16 stays and picks the flash kernel.
+    PyTorch's fused `scaled_dot_product_attention` everywhere (flash on a GPU), except in bf16 on a CPU:
+    there its kernels reach ~150 GFLOP/s while a bf16 batched GEMM reaches several times that, so the
+    three steps are written out (the math of the DiT reference's unfused attention). Attention forward +
+    backward at DiT-S/2 size ran in 5-7 ms instead of 11-12 (docs/benchmarks.md).
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -171,7 +174,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+            nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, hidden_size)
         )
         if adaln_single:
             self.adaLN_modulation = None

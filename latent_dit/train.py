@@ -34,6 +34,7 @@ from .export import export_pipeline
 from .hub import CheckpointPusher, check_can_push, push_after_training
 from .model import LatentDiTTransformer2DModel
 from .objective import build_objective
+from .pipelines.pipeline_latent_dit import trim_padding
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,16 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
     if cfg.model.conditioning == "text":
         text = batch if "text" in batch else encode_captions(frozen["tokenizer"], frozen["text_encoder"], batch["caption"], cfg.data.max_text_length)
         null = frozen["null_text"]
-        for key, model_key in (("text", "encoder_hidden_states"), ("mask", "encoder_attention_mask"), ("pooled", "pooled_projections")):
-            value = text[key].to(device)
+        # Token columns that neither a caption of this batch nor the null caption uses are masked out of
+        # cross-attention: dropping them changes nothing but the cost (captions are ~10-20 of CLIP's 77 tokens).
+        # The cached masks are on the CPU here, so finding the length costs no device sync.
+        (tokens, mask), (null_tokens, null_mask) = trim_padding((text["text"], text["mask"]), (null["text"][None], null["mask"][None]))
+        pairs = {"encoder_hidden_states": (tokens, null_tokens[0]), "encoder_attention_mask": (mask, null_mask[0]),
+                 "pooled_projections": (text["pooled"], null["pooled"])}
+        for model_key, (value, null_value) in pairs.items():
+            value = value.to(device)
             keep = ~drop.view(-1, *([1] * (value.ndim - 1)))
-            conditioning[model_key] = torch.where(keep, value, null[key].to(device))
+            conditioning[model_key] = torch.where(keep, value, null_value.to(device))
     elif cfg.model.conditioning == "class":
         labels = batch["class_label"].to(device)
         conditioning["class_labels"] = torch.where(drop, torch.full_like(labels, frozen["num_classes"]), labels)

@@ -160,6 +160,7 @@ def sampling_runners(preset, latent_size, device, dtype, compile_model):
     from latent_dit.components import build_pipeline
 
     tokenizer, text_encoder, vae = tiny_text_parts(device)
+    text_encoder, vae = text_encoder.to(dtype), vae.to(dtype)  # the whole pipeline in one dtype, as `pipe.to(dtype)`
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     ours = build_pipeline(build("ours-text", preset, latent_size).to(device, dtype), vae=vae, tokenizer=tokenizer,
                           text_encoder=text_encoder, scheduler=DPMSolverMultistepScheduler())

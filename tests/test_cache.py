@@ -74,7 +74,13 @@ def test_cached_and_uncached_batches_give_identical_training_inputs(prediction_t
         assert a["conditioning"].keys() == b["conditioning"].keys() == {"encoder_hidden_states", "encoder_attention_mask", "pooled_projections"}
         for key in a["conditioning"]:
             torch.testing.assert_close(a["conditioning"][key], b["conditioning"][key], rtol=1e-6, atol=1e-6, msg=key)
-        dropped += int((b["conditioning"]["encoder_attention_mask"].sum(1) == null["mask"].sum()).sum())
+        mask = b["conditioning"]["encoder_attention_mask"]
+        dropped += int((mask.sum(1) == null["mask"].sum()).sum())
+        # Padding columns that neither the batch's captions nor the null caption use are dropped (exact: they
+        # are masked out), before caption dropout picks rows, so the length is the longest of those.
+        longest = max([int(cached[i]["mask"].sum()) for i in indices] + [int(null["mask"].sum())])
+        assert mask.shape[1] == longest < cfg.data.max_text_length
+        assert b["conditioning"]["encoder_hidden_states"].shape[1] == longest
     assert dropped > 0, "no caption was dropped: the null-caption path went untested"
     assert vae.config.latent_channels == a["latents"].shape[1] and a["latents"].std() > 0
 
