@@ -102,12 +102,17 @@ class TextEmbedder(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors; `mask` is boolean, True = attend.
 
-    PyTorch's fused `scaled_dot_product_attention` everywhere (flash on a GPU), except in bf16 on a CPU:
-    there its kernels reach ~150 GFLOP/s while a bf16 batched GEMM reaches several times that, so the
-    three steps are written out (the math of the DiT reference's unfused attention). Attention forward +
-    backward at DiT-S/2 size ran in 5-7 ms instead of 11-12 (docs/benchmarks.md).
+    PyTorch's fused `scaled_dot_product_attention` (flash on a GPU), except in bf16 on a CPU. There the
+    fused kernels reach ~150 GFLOP/s while bf16 batched GEMMs reach several times that, so up to 256×256
+    query-key pairs the three steps are written out, as in the DiT reference's unfused attention: forward +
+    backward at DiT-S/2 size in 5-7 ms instead of 11-12 (docs/benchmarks.md). They store the (T, L) weights
+    for backward, which the fused kernel does not, so longer sequences keep the fused kernel, in float32
+    (on a CPU it is slower in bf16).
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.shape[-2] * k.shape[-2] > 256 * 256:
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

@@ -257,11 +257,11 @@ def test_low_precision_forward_is_close_to_float32(dtype, tolerance):
 
 def test_bf16_attention_on_cpu_is_written_out_and_matches_float32(monkeypatch):
     """PyTorch's fused CPU attention kernels are slower than three bf16 GEMM-based steps (docs/benchmarks.md),
-    so bf16 on a CPU does not call `scaled_dot_product_attention`; the result still matches float32,
-    with and without a padding mask, and padded keys get no weight."""
+    so bf16 on a CPU does not call `scaled_dot_product_attention` up to 256×256 query-key pairs; the result
+    still matches float32, with and without a padding mask, and padded keys get no weight."""
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.dtype) or sdpa(q, *a, **k))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
     mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
@@ -287,6 +287,12 @@ def test_bf16_attention_on_cpu_is_written_out_and_matches_float32(monkeypatch):
     assert not calls  # the model under bf16 autocast took the written-out path in every block
     error = (out.float() - reference).abs().max() / reference.abs().max()
     assert error < 0.03, f"relative error {error:.4f}"
+
+    # Above 256×256 query-key pairs the written-out weights would cost T×L memory: the fused kernel, in float32.
+    long = torch.randn(1, 2, 257, 8, generator=g)
+    out = model_module.attention(long.bfloat16(), long.bfloat16(), long.bfloat16())
+    assert calls == [torch.float32] and out.dtype == torch.bfloat16
+    assert (out.float() - sdpa(long, long, long)).abs().max() < 0.05
 
 
 def test_qk_norm_makes_attention_invariant_to_query_scale():
