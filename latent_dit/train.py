@@ -132,7 +132,9 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
         null = frozen["null_text"]
         # Token columns that neither a caption of this batch nor the null caption uses are masked out of
         # cross-attention: dropping them changes nothing but the cost (captions are ~10-20 of CLIP's 77 tokens).
-        # The cached masks are on the CPU here, so finding the length costs no device sync.
+        # Cached masks are still on the CPU here, so finding the length costs no device sync (uncached ones come
+        # from the text encoder on the device: one sync per step). With use_compile, torch.compile marks the
+        # length dynamic after the first change of it, so it recompiles once, not per length.
         (tokens, mask), (null_tokens, null_mask) = trim_padding((text["text"], text["mask"]), (null["text"][None], null["mask"][None]))
         pairs = {"encoder_hidden_states": (tokens, null_tokens[0]), "encoder_attention_mask": (mask, null_mask[0]),
                  "pooled_projections": (text["pooled"], null["pooled"])}
