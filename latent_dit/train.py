@@ -335,7 +335,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
                 ema.step(parameters)
             progress.update(1)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # the only host sync
+                mean_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()  # the only host sync of a cached run
                 losses[state.step] = mean_loss
                 lr = lr_scheduler.get_last_lr()[0]
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=state.step)
