@@ -4,6 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .malloc import keep_freed_memory
+
 # The built-in default model, exported by the project's own training (see README).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "latent-dit-emoji"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -107,6 +109,7 @@ def train(args):
 
 
 def main(argv=None):
+    keep_freed_memory()  # this process is ours: reuse freed memory instead of page-faulting it back every step
     parser = argparse.ArgumentParser(prog="latent-dit", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)

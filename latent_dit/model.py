@@ -356,7 +356,9 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Latent size {H}×{W} is not divisible by the patch size {p}.")
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(N)
 
-        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)  # (N, T, D), T = H*W/p²
+        # (N, T, D), T = H*W/p². Made contiguous once here: left as the conv's transposed view, every residual
+        # add and LayerNorm of the blocks would inherit that layout and copy or stride through it.
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2).contiguous()
         x = x + self.position_embedding(H // p, W // p).to(x.dtype)
         c = self.condition(timestep, class_labels=class_labels)  # (N, D)
 

@@ -32,6 +32,7 @@ from .data import BucketBatchSampler, ImageCaptionDataset, collate, make_buckets
 from .encoding import encode_captions, encode_images, latent_scaling
 from .export import export_pipeline
 from .hub import CheckpointPusher, check_can_push, push_after_training
+from .malloc import keep_freed_memory
 from .model import LatentDiTTransformer2DModel
 from .objective import build_objective
 from .pipelines.pipeline_latent_dit import trim_padding
@@ -412,6 +413,7 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":  # accelerate launch -m latent_dit.train / torchrun -m latent_dit.train
+    keep_freed_memory()  # this process is ours: reuse freed memory instead of page-faulting it back every step
     parser = argparse.ArgumentParser(prog="latent_dit.train", description=__doc__)
     add_train_arguments(parser)
     run(parser.parse_args())

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
+from latent_dit.malloc import keep_freed_memory
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
 
 TEXT_LENGTH, TEXT_DIM = 77, 512  # CLIP ViT-B text states
@@ -122,6 +123,7 @@ def rss_bytes() -> int:
 
 def peak_memory_child(kind, preset, latent_size, batch, device_name, dtype_name, steps) -> int:
     """Run in a fresh process: peak bytes a training step needs beyond the model's weights."""
+    keep_freed_memory()  # as in main(): the same allocator for every model
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     step = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=False)
     if device.type == "cuda":
@@ -208,10 +210,14 @@ def main():
     # sampling that slow both sides' CPU kernels several-fold; trained weights do not (the emoji default samples
     # equally fast with and without this), so flush them to zero on both sides.
     torch.set_flush_denormal(True)
+    # Both sides run with glibc keeping freed memory, as latent-dit's command-line entry points do: otherwise
+    # every step page-faults its activations back in, which cost both sides 25-35% here, by chance amounts.
+    allocator = "glibc, freed memory kept (latent_dit.malloc)" if keep_freed_memory() else "default"
 
     rows, report = [], {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                                     "cpus": os.cpu_count(), "torch": torch.__version__,
-                                    "diffusers": __import__("diffusers").__version__, "python": platform.python_version()},
+                                    "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
+                                    "allocator": allocator},
                         "args": vars(args), "results": []}
     modes = [False, True] if args.compile else [False]
     for preset in args.presets:

@@ -176,6 +176,9 @@ def main(argv=None):
         sys.exit("error: --warmup and --steps must be at least 1")
 
     if args.worker:
+        from latent_dit.malloc import keep_freed_memory
+
+        keep_freed_memory()  # as `latent-dit train` does
         Path(args.result).write_text(json.dumps(measure_bare(args) if args.worker == "bare" else measure(args)))
         return
 
