@@ -198,6 +198,16 @@ def test_size_not_divisible_by_patch_raises():
         _perturbed()(**_inputs(height=9, width=8))
 
 
+def test_residual_stream_is_contiguous_in_every_block():
+    # The patch embedding's (N, D, T) -> (N, T, D) transpose is a view; carried into the blocks, every residual
+    # add and LayerNorm strides through it or copies it (a DiT-S/2 forward was 10% slower that way).
+    model, layouts = _perturbed(), []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    model(**_inputs(height=8, width=16))
+    assert layouts == [True] * len(model.blocks)
+
+
 # --- training features and dtypes -------------------------------------------------------------------------
 
 
