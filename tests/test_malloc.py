@@ -11,18 +11,24 @@ from latent_dit import cli
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 
-# Ten 4 MiB "activations", allocated and freed together three times, as consecutive steps do.
+# Ten 4 MiB "activations" (10,240 pages), allocated and freed together five times, as consecutive steps do;
+# prints the fewest page faults of the last three rounds. The process first sets glibc to hand every freed
+# block back (a small mmap threshold, trim at 0: the worst case of its default, made deterministic), so
+# without keep_freed_memory() every round faults all pages in again.
 SCRIPT = """
-import resource, sys, torch
-from latent_dit.malloc import keep_freed_memory
+import ctypes, resource, sys, torch
+from latent_dit.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+libc.mallopt(M_TRIM_THRESHOLD, 0)
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(3):
+for _ in range(5):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.ones(2**20) for _ in range(10)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-print(applied, faults[-1])
+print(applied, min(faults[2:]))
 """
 
 
@@ -35,16 +41,16 @@ def _run(mode: str, **env) -> tuple[str, int]:
 def test_freed_memory_is_reused_without_page_faults():
     applied, faults = _run("keep")
     assert applied == "True"
-    assert faults < 100  # 40 MiB is 10,240 pages: all were reused
-    # The control: glibc's default hands the blocks back and faults every page in again on the next step.
-    _, default_faults = _run("default")
-    assert default_faults > 5000
+    assert faults < 2000  # at most a block or two of the 10,240 pages faulted in again; the rest reused
+    # The control: glibc handing the blocks back faults every page in again on the next round.
+    _, returned_faults = _run("returning")
+    assert returned_faults > 5000
 
 
 def test_glibc_settings_the_user_made_win():
     applied, faults = _run("keep", MALLOC_TRIM_THRESHOLD_="0")
     assert applied == "False"
-    assert faults > 5000  # the user's choice (trim everything) is what ran
+    assert faults > 5000  # not overridden: memory is still handed back
 
 
 def test_the_command_line_applies_it_before_anything_else(monkeypatch):
