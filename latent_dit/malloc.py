@@ -7,10 +7,16 @@ than with the memory kept (docs/benchmarks.md). The command-line entry points (`
 `python -m latent_dit.train`) call `keep_freed_memory()` once at start; importing the package does not,
 since the setting is process-wide. Environment variables the user sets for glibc win
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
+
+`reset_peak_rss()` and `peak_rss_bytes()` measure this process's peak resident memory for the benchmark
+scripts. They read the kernel's high-water mark of the process's own memory (VmHWM), not getrusage's
+`ru_maxrss`: Linux keeps `ru_maxrss` across fork and exec, so a subprocess started by a process holding
+2 GB reports at least 2 GB, whatever it used itself.
 """
 
 import ctypes
 import os
+import resource
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
@@ -26,3 +32,22 @@ def keep_freed_memory() -> bool:
     if mallopt is None:  # not glibc
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-memory count again from the current resident size (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5 = reset the resident high-water mark (Documentation/filesystems/proc.rst)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started or since `reset_peak_rss()`, in bytes."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    # Elsewhere getrusage is all there is (bytes on macOS, KiB on the BSDs).
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024

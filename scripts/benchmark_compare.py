@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
-from latent_dit.malloc import keep_freed_memory
+from latent_dit.malloc import keep_freed_memory, peak_rss_bytes, reset_peak_rss
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
 
 TEXT_LENGTH, TEXT_DIM = 77, 512  # CLIP ViT-B text states
@@ -134,9 +133,10 @@ def peak_memory_child(kind, preset, latent_size, batch, device_name, dtype_name,
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     base = rss_bytes()
+    reset_peak_rss()  # the high-water mark from here, not the parent's (getrusage's would be inherited)
     for _ in range(steps):
         step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return peak_rss_bytes() - base
 
 
 def peak_memory(kind, preset, latent_size, batch, device, dtype) -> int:

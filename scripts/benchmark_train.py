@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -144,8 +143,9 @@ def peak_memory() -> dict:
 
     if torch.cuda.is_available():
         return {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1), "memory_kind": "torch.cuda.max_memory_allocated"}
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss is in KiB on Linux, bytes on macOS
-    return {"peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1), "memory_kind": "peak RSS (getrusage)"}
+    from latent_dit.malloc import peak_rss_bytes  # this process's own peak (getrusage's counts the parent's)
+
+    return {"peak_memory_mib": round(peak_rss_bytes() / 2**20, 1), "memory_kind": "peak RSS (VmHWM)"}
 
 
 def machine() -> dict:
