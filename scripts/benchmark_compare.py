@@ -9,8 +9,9 @@ Training step = forward + MSE loss + backward + AdamW step. Class-conditional la
 heads, patch, text length and width). Sampling = 20 steps with guidance, batch 4, our pipeline vs
 `PixArtAlphaPipeline` built with the same-size transformer, VAE, tokenizer and text encoder.
 Runs are interleaved (A, B, C, A, B, C, ...) and repeated; medians and spreads are reported.
-Peak memory is measured per model in a fresh subprocess (CUDA: max_memory_allocated; CPU: peak RSS
-growth over the model's resident size during the steps).
+Peak memory is measured per model, for training and for sampling, in a fresh subprocess (CUDA:
+max_memory_allocated; CPU: the process's peak resident size during two steps or two pipeline calls, less
+its size once the models are built: Adam state, gradients, activations and allocator caching).
 """
 
 import argparse
@@ -120,28 +121,33 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_child(kind, preset, latent_size, batch, device_name, dtype_name, steps) -> int:
-    """Run in a fresh process: peak bytes a training step needs beyond the model's weights."""
+def peak_memory_child(task, kind, preset, latent_size, batch, device_name, dtype_name, runs) -> int:
+    """Run in a fresh process: peak bytes `runs` training steps (task "train") or pipeline calls ("sampling")
+    of `kind` need beyond what the built models occupy."""
     keep_freed_memory()  # as in main(): the same allocator for every model
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
-    step = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=False)
+    if task == "train":
+        run = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=False)
+    else:
+        run = sampling_runners(preset, latent_size, device, dtype, compile_model=False)[kind]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            step()
+        for _ in range(runs):
+            run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     base = rss_bytes()
     reset_peak_rss()  # the high-water mark from here, not the parent's (getrusage's would be inherited)
-    for _ in range(steps):
-        step()
+    for _ in range(runs):
+        run()
     return peak_rss_bytes() - base
 
 
-def peak_memory(kind, preset, latent_size, batch, device, dtype) -> int:
+def peak_memory(kind, preset, latent_size, batch, device, dtype, task="train") -> int:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import benchmark_compare as b; "
-            f"print(b.peak_memory_child({kind!r}, {preset!r}, {latent_size}, {batch}, {device.type!r}, {str(dtype).split('.')[-1]!r}, 2))")
+            f"print(b.peak_memory_child({task!r}, {kind!r}, {preset!r}, {latent_size}, {batch}, {device.type!r}, "
+            f"{str(dtype).split('.')[-1]!r}, 2))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -253,11 +259,15 @@ def main():
                                                    max(3, args.repeats // 3), 1, device)
                     entry = {"task": "sampling-20-steps-cfg-batch4", "preset": preset, "latent": latent_size, "mode": tag,
                              "timings": results, "ratio_vs_pixart_pipeline": ratio(results, "ours-pipeline", "diffusers-pixart-pipeline")}
+                    if not args.skip_memory and not compiled:
+                        entry["peak_memory_mb"] = {kind: peak_memory(kind, preset, latent_size, 4, device, dtype, task="sampling") / 2**20
+                                                   for kind in results}
                     report["results"].append(entry)
                     print(json.dumps(entry, indent=1))
                     for kind, r in results.items():
+                        mem = entry.get("peak_memory_mb", {}).get(kind)
                         rows.append(f"| sampling | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.0f} "
-                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | |")
+                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {'' if mem is None else f'{mem:.0f}'} |")
                     rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | |")
 
     out = Path(args.out)
