@@ -9,9 +9,11 @@ Training step = forward + MSE loss + backward + AdamW step. Class-conditional la
 heads, patch, text length and width). Sampling = 20 steps with guidance, batch 4, our pipeline vs
 `PixArtAlphaPipeline` built with the same-size transformer, VAE, tokenizer and text encoder.
 Runs are interleaved (A, B, C, A, B, C, ...) and repeated; medians and spreads are reported.
-Peak memory is measured per model, for training and for sampling, in a fresh subprocess (CUDA:
-max_memory_allocated; CPU: the process's peak resident size during two steps or two pipeline calls, less
-its size once the models are built: Adam state, gradients, activations and allocator caching).
+Peak memory is measured per model, for training and for sampling, in a fresh subprocess: on CUDA
+max_memory_allocated; on a CPU the process's peak resident size during two steps or two pipeline calls, less
+its size once the models are built (Adam state, gradients, activations), twice: "live", with glibc handing
+freed memory back at once, so it follows the tensors alive (what max_memory_allocated counts), and "kept",
+with latent_dit.malloc's setting as the command line runs, which also counts freed memory kept for reuse.
 """
 
 import argparse
@@ -144,12 +146,33 @@ def peak_memory_child(task, kind, preset, latent_size, batch, device_name, dtype
     return peak_rss_bytes() - base
 
 
-def peak_memory(kind, preset, latent_size, batch, device, dtype, task="train") -> int:
+# glibc settings for a CPU memory child. "live": freed blocks go back to the OS at once, so the peak resident size
+# follows the tensors alive (the CPU counterpart of CUDA's max_memory_allocated). "kept": latent_dit.malloc's
+# setting, as the command line runs, so freed memory kept for reuse counts too.
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, "kept": {}}
+
+
+def peak_memory(kind, preset, latent_size, batch, device, dtype, task="train", allocator="live") -> int:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import benchmark_compare as b; "
             f"print(b.peak_memory_child({task!r}, {kind!r}, {preset!r}, {latent_size}, {batch}, {device.type!r}, "
             f"{str(dtype).split('.')[-1]!r}, 2))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(kinds, preset, latent_size, batch, device, dtype, task) -> dict:
+    """{"peak_memory_mb": {kind: MB}} (live), plus on a CPU "peak_rss_kept_mb" with the command line's allocator."""
+    measure = {"peak_memory_mb": "live"} | ({"peak_rss_kept_mb": "kept"} if device.type == "cpu" else {})
+    return {key: {kind: peak_memory(kind, preset, latent_size, batch, device, dtype, task, allocator) / 2**20 for kind in kinds}
+            for key, allocator in measure.items()}
+
+
+def memory_cell(entry, kind) -> str:
+    if "peak_memory_mb" not in entry:
+        return ""
+    kept = entry.get("peak_rss_kept_mb", {}).get(kind)
+    return f"{entry['peak_memory_mb'][kind]:.0f}" + ("" if kept is None else f" / {kept:.0f}")
 
 
 def tiny_text_parts(device):
@@ -241,14 +264,12 @@ def main():
                 if args.adaln_single:
                     entry["ratio_text_single_vs_pixart"] = ratio(results, "ours-text-single", "diffusers-pixart")
                 if not args.skip_memory and not compiled:
-                    entry["peak_memory_mb"] = {kind: peak_memory(kind, preset, latent_size, args.batch_size, device, dtype) / 2**20
-                                               for kind in results}
+                    entry |= measure_memory(results, preset, latent_size, args.batch_size, device, dtype, "train")
                 report["results"].append(entry)
                 print(json.dumps(entry, indent=1))
                 for kind, r in results.items():
-                    mem = entry.get("peak_memory_mb", {}).get(kind)
                     rows.append(f"| train step | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.1f} "
-                                f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {'' if mem is None else f'{mem:.0f}'} |")
+                                f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {memory_cell(entry, kind)} |")
                 single = f", ours adaLN-single/PixArt = {entry['ratio_text_single_vs_pixart']:.2f}" if args.adaln_single else ""
                 rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{single} | | |")
             if not args.skip_sampling:
@@ -260,19 +281,18 @@ def main():
                     entry = {"task": "sampling-20-steps-cfg-batch4", "preset": preset, "latent": latent_size, "mode": tag,
                              "timings": results, "ratio_vs_pixart_pipeline": ratio(results, "ours-pipeline", "diffusers-pixart-pipeline")}
                     if not args.skip_memory and not compiled:
-                        entry["peak_memory_mb"] = {kind: peak_memory(kind, preset, latent_size, 4, device, dtype, task="sampling") / 2**20
-                                                   for kind in results}
+                        entry |= measure_memory(results, preset, latent_size, 4, device, dtype, "sampling")
                     report["results"].append(entry)
                     print(json.dumps(entry, indent=1))
                     for kind, r in results.items():
-                        mem = entry.get("peak_memory_mb", {}).get(kind)
                         rows.append(f"| sampling | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.0f} "
-                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {'' if mem is None else f'{mem:.0f}'} |")
+                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {memory_cell(entry, kind)} |")
                     rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | |")
 
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    header = ("| task | preset | latent | mode | model | median ms (q1–q3) | peak MB |\n"
+    memory = "peak MB (live / kept)" if device.type == "cpu" else "peak MB"
+    header = (f"| task | preset | latent | mode | model | median ms (q1–q3) | {memory} |\n"
               "| --- | --- | --- | --- | --- | --- | --- |\n")
     out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\n" + header + "\n".join(rows) + "\n")
     print(header + "\n".join(rows))

@@ -4,13 +4,10 @@ same activations again reuses it instead of page-faulting it back in."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from latent_dit import cli
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 
@@ -77,21 +74,6 @@ def test_peak_rss_counts_this_process_from_the_reset_on():
     del block
     reset_peak_rss()
     assert peak_rss_bytes() < after_reset + 100 * 2**20  # ...and forgotten after the next reset
-
-
-def test_benchmark_peak_memory_is_the_child_process_own():
-    """benchmark_compare measures each model in a subprocess; getrusage's peak would include this process's
-    resident memory at the fork (Linux keeps ru_maxrss across exec), which made all models look alike."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import benchmark_compare
-    import torch
-
-    held = torch_ones_mib(1500)  # this (parent) process holds 1.5 GiB
-    tiny = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 8, 1, torch.device("cpu"), torch.float32)
-    larger = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 32, 4, torch.device("cpu"), torch.float32)
-    del held
-    assert 0 < tiny < 1000 * 2**20  # optimizer state + grads of 33 M parameters (~400 MB), not the parent's 1.5 GiB
-    assert larger > tiny + 50 * 2**20  # 16× the tokens and 4× the batch: the activations show
 
 
 def torch_ones_mib(mib: int):

@@ -1,0 +1,48 @@
+"""scripts/benchmark_compare.py (issue 6): side by side with diffusers' DiT and PixArt-α, ratios, JSON + markdown,
+and peak memory measured in each model's own process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import benchmark_compare  # noqa: E402
+
+
+def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark_compare.py"), "--presets", "DiT-S/2",
+                    "--latent-sizes", "8", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--skip-memory",
+                    "--out", str(out)], check=True, capture_output=True)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["machine"]["torch"] == torch.__version__
+    train, sampling = report["results"]
+    assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "diffusers-pixart"}
+    assert train["ratio_class_vs_dit"] == pytest.approx(
+        train["timings"]["ours-class"]["median_s"] / train["timings"]["diffusers-dit"]["median_s"])
+    assert set(sampling["timings"]) == {"ours-pipeline", "diffusers-pixart-pipeline"}
+    assert sampling["ratio_vs_pixart_pipeline"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert f"ours/DiT = {train['ratio_class_vs_dit']:.2f}" in table
+    assert f"ours/PixArtAlphaPipeline = {sampling['ratio_vs_pixart_pipeline']:.2f}" in table
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_benchmark_peak_memory_is_the_child_process_own():
+    """benchmark_compare measures each model in a subprocess; getrusage's peak would include this process's
+    resident memory at the fork (Linux keeps ru_maxrss across exec), which made all models look alike."""
+    held = torch_ones_mib(1500)  # this (parent) process holds 1.5 GiB
+    tiny = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 8, 1, torch.device("cpu"), torch.float32)
+    larger = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 32, 4, torch.device("cpu"), torch.float32)
+    del held
+    assert 0 < tiny < 1000 * 2**20  # optimizer state + grads of 33 M parameters (~400 MB), not the parent's 1.5 GiB
+    assert larger > tiny + 50 * 2**20  # 16× the tokens and 4× the batch: the activations show
+
+
+def torch_ones_mib(mib: int) -> torch.Tensor:
+    return torch.ones(mib * 2**20 // 4)
