@@ -16,7 +16,6 @@ scripts. They read the kernel's high-water mark of the process's own memory (VmH
 
 import ctypes
 import os
-import resource
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
@@ -48,6 +47,8 @@ def peak_rss_bytes() -> int:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    # Elsewhere getrusage is all there is (bytes on macOS, KiB on the BSDs).
+    # Elsewhere getrusage is all there is (bytes on macOS, KiB on the BSDs; no `resource` module on Windows).
+    import resource
+
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * 1024
