@@ -36,13 +36,9 @@ def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
 def test_benchmark_peak_memory_is_the_child_process_own():
     """benchmark_compare measures each model in a subprocess; getrusage's peak would include this process's
     resident memory at the fork (Linux keeps ru_maxrss across exec), which made all models look alike."""
-    held = torch_ones_mib(1500)  # this (parent) process holds 1.5 GiB
+    held = torch.ones(1500 * 2**18)  # this (parent) process holds 1.5 GiB of float32
     tiny = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 8, 1, torch.device("cpu"), torch.float32)
     larger = benchmark_compare.peak_memory("ours-class", "DiT-S/2", 32, 4, torch.device("cpu"), torch.float32)
     del held
     assert 0 < tiny < 1000 * 2**20  # optimizer state + grads of 33 M parameters (~400 MB), not the parent's 1.5 GiB
     assert larger > tiny + 50 * 2**20  # 16× the tokens and 4× the batch: the activations show
-
-
-def torch_ones_mib(mib: int) -> torch.Tensor:
-    return torch.ones(mib * 2**20 // 4)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from latent_dit import cli
 
@@ -64,19 +65,13 @@ def test_the_command_line_applies_it_before_anything_else(monkeypatch):
 def test_peak_rss_counts_this_process_from_the_reset_on():
     from latent_dit.malloc import peak_rss_bytes, reset_peak_rss
 
-    block = torch_ones_mib(300)  # touched, so resident
+    block = torch.ones(300 * 2**18)  # 300 MiB of float32, written, so resident
     assert peak_rss_bytes() >= 300 * 2**20
     del block
     reset_peak_rss()
     after_reset = peak_rss_bytes()
-    block = torch_ones_mib(200)
+    block = torch.ones(200 * 2**18)
     assert peak_rss_bytes() - after_reset >= 190 * 2**20  # the new block is counted...
     del block
     reset_peak_rss()
     assert peak_rss_bytes() < after_reset + 100 * 2**20  # ...and forgotten after the next reset
-
-
-def torch_ones_mib(mib: int):
-    import torch
-
-    return torch.ones(mib * 2**20 // 4)
