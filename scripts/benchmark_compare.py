@@ -235,10 +235,6 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    # Freshly initialised models (zero-initialised adaLN gates and final layer) produce denormal floats during
-    # sampling that slow both sides' CPU kernels several-fold; trained weights do not (the emoji default samples
-    # equally fast with and without this), so flush them to zero on both sides.
-    torch.set_flush_denormal(True)
     # Both sides run with glibc keeping freed memory, as latent-dit's command-line entry points do: otherwise
     # every step page-faults its activations back in, which cost both sides 25-35% here, by chance amounts.
     allocator = "glibc, freed memory kept (latent_dit.malloc)" if keep_freed_memory() else "default"
