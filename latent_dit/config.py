@@ -32,6 +32,7 @@ class ModelConfig:
     patch_size: int | None = None  # overrides the preset's patch size
     use_qk_norm: bool = False  # RMSNorm on queries and keys
     adaln_single: bool = False  # one adaLN regressor shared by all blocks (PixArt-α): 24% fewer parameters at B/2 (text)
+    cross_attention_norm: bool = True  # LayerNorm before cross-attention (text); PixArt-α has none
 
 
 @dataclass
@@ -211,4 +212,5 @@ def transformer_kwargs(model: ModelConfig) -> dict:
         raise ConfigError(f"model.preset: {model.preset!r} is not one of {sorted(PRESETS)}")
     sizes = {k: getattr(model, k) for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(model, k) is not None}
     return {**PRESETS[model.preset], **sizes, "conditioning": model.conditioning,
-            "prediction_type": model.prediction_type, "use_qk_norm": model.use_qk_norm, "adaln_single": model.adaln_single}
+            "prediction_type": model.prediction_type, "use_qk_norm": model.use_qk_norm, "adaln_single": model.adaln_single,
+            "cross_attention_norm": model.cross_attention_norm}

@@ -163,16 +163,18 @@ class DiTBlock(nn.Module):
     The conditioning vector c regresses a shift, scale and gate for the self-attention and MLP
     branches (DiT §3.2). The cross-attention branch sits between them, unmodulated, as in PixArt-α.
     With `adaln_single` (PixArt-α's adaLN-single) the block has no regressor of its own: it receives the
-    six vectors from one regressor shared by all blocks, and adds its own learned table to them.
+    six vectors from one regressor shared by all blocks, and adds its own learned table to them. Without
+    `cross_attention_norm` the queries of the cross-attention come from the residual stream as it is, as in
+    PixArt-α, instead of through a LayerNorm.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_cross_attention: bool, use_qk_norm: bool,
-                 adaln_single: bool = False):
+                 adaln_single: bool = False, cross_attention_norm: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, use_qk_norm=use_qk_norm)
         if use_cross_attention:
-            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attention_norm else nn.Identity()
             self.cross_attn = Attention(hidden_size, num_heads, cross=True, use_qk_norm=use_qk_norm)
         else:
             self.cross_attn = None
@@ -243,6 +245,7 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         use_qk_norm: bool = False,
         frequency_embedding_size: int = 256,
         adaln_single: bool = False,  # one modulation regressor shared by all blocks (PixArt-α) instead of one per block
+        cross_attention_norm: bool = True,  # LayerNorm before cross-attention (PixArt-α has none)
     ):
         super().__init__()
         if conditioning not in CONDITIONING_MODES:
@@ -265,7 +268,8 @@ class LatentDiTTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self.shared_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln_single else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, conditioning == "text", use_qk_norm, adaln_single) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, conditioning == "text", use_qk_norm, adaln_single, cross_attention_norm)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

@@ -93,10 +93,11 @@ def test_dit_presets_have_the_paper_sizes_and_their_resolution(name):
 def test_defaults_overrides_and_yaml_values(tmp_path):
     path = write(tmp_path, "train:\n  learning_rate: 1e-4\n  max_steps: 5\ndata:\n  source: imgs\n")
     cfg = load_config(path, ["train.max_steps=7", "train.validation_prompts=[a, b]", "components.vae=null",
-                             "model.depth=3", "train.snr_gamma=5"])
+                             "model.depth=3", "train.snr_gamma=5", "model.cross_attention_norm=false"])
     assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)  # YAML reads 1e-4 as a string
     assert (cfg.train.max_steps, cfg.train.validation_prompts, cfg.components.vae) == (7, ["a", "b"], None)
     assert cfg.model.depth == 3 and transformer_kwargs(cfg.model)["depth"] == 3
+    assert transformer_kwargs(cfg.model)["cross_attention_norm"] is False
     assert cfg.train.snr_gamma == 5.0 and isinstance(cfg.train.snr_gamma, float)
     assert cfg.data.source == "imgs" and cfg.data.resolution == 256  # untouched keys keep their defaults
     assert load_config() == Config()

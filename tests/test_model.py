@@ -234,6 +234,28 @@ def test_adaln_single_shares_one_regressor_and_starts_as_identity():
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
 
 
+def test_without_cross_attention_norm_queries_come_from_the_residual_stream():
+    normed, plain = _perturbed(), _perturbed(cross_attention_norm=False)
+    D, depth = TINY["hidden_size"], TINY["depth"]
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(normed) - count(plain) == depth * 2 * D  # one affine LayerNorm per block fewer
+    assert all(isinstance(block.norm_cross, torch.nn.Identity) for block in plain.blocks)
+
+    # Same weights otherwise: the block's cross-attention now sees x itself, so the outputs differ.
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if "norm_cross" not in k})
+    block, x, c, context = plain.blocks[0], _randn(2, 16, D, seed=4), _randn(2, D, seed=5), _randn(2, TEXT_LEN, D, seed=6)
+    expected = x + block.cross_attn(x, context)
+    # The block's forward with its self-attention and MLP branches switched off (zero gates) leaves the cross branch.
+    block.adaLN_modulation[1].weight.data.zero_()
+    block.adaLN_modulation[1].bias.data.zero_()
+    torch.testing.assert_close(block(x, c, context), expected)
+    assert not torch.allclose(plain(**_inputs()).sample, normed(**_inputs()).sample)
+
+    plain = _perturbed(cross_attention_norm=False).train()
+    plain(**_inputs()).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in plain.parameters())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     inputs = _inputs()
 
@@ -326,7 +348,8 @@ def test_qk_norm_makes_attention_invariant_to_query_scale():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = _perturbed(learn_sigma=True, prediction_type="v_prediction", use_qk_norm=True, adaln_single=True)
+    model = _perturbed(learn_sigma=True, prediction_type="v_prediction", use_qk_norm=True, adaln_single=True,
+                       cross_attention_norm=False)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_file()
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
