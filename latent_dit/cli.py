@@ -71,7 +71,8 @@ def add_generate_parser(subparsers):
     p.add_argument("--tiny-random", action="store_true", help="Use a tiny random-weight pipeline instead of a model.")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=25, help="Denoising steps.")
-    p.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale (1 disables it).")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="Classifier-free guidance scale (1 disables it); default: the model's own (4.5 if it names none).")
     add_guidance_interval_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="Pixels; default: the model's training size.")

@@ -86,14 +86,16 @@ def vae_scale_factor(vae) -> int:
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_pipeline(transformer, vae=None, tokenizer=None, text_encoder=None, scheduler=None):
-    """Assemble a `LatentDiTPipeline`; the default scheduler matches the transformer's prediction type."""
+def build_pipeline(transformer, vae=None, tokenizer=None, text_encoder=None, scheduler=None, guidance_scale: float = 4.5):
+    """Assemble a `LatentDiTPipeline`; the default scheduler matches the transformer's prediction type.
+    `guidance_scale` becomes the pipeline's default (saved with it)."""
     from .objective import build_inference_scheduler
     from .pipelines import LatentDiTPipeline
 
     if scheduler is None:
         scheduler = build_inference_scheduler(transformer.config.prediction_type)
-    return LatentDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return LatentDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             default_guidance_scale=guidance_scale)
 
 
 def _download_pipeline(repo_id: str, allow_pickle: bool, **kwargs) -> str:

@@ -155,7 +155,7 @@ def load_real_images(records, size: tuple[int, int], show_progress: bool = False
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
 
 
-def generate_images(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int,
+def generate_images(pipe, captions: list[str], *, steps: int, guidance: float | None, seed: int, batch_size: int,
                     guidance_interval: tuple[float, float] = (0.0, 1.0), show_progress: bool = False) -> torch.Tensor:
     """One image per caption as uint8 (N, 3, H, W); image i uses the generator seeded `seed + i`, so the
     images do not depend on the batch size."""
@@ -173,7 +173,7 @@ def generate_images(pipe, captions: list[str], *, steps: int, guidance: float, s
 # ---------------------------------------------------------------- the command
 
 
-def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int = 25, guidance: float = 4.5,
+def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int = 25, guidance: float | None = None,
              guidance_interval: tuple[float, float] = (0.0, 1.0), batch_size: int = 16, seed: int = 0, device: str | None = None, save_images: str | None = None,
              show_progress: bool = True) -> dict:
     """Generate from held-out captions, and return {"fid", "fid_floor", ...} (see the module docstring)."""
@@ -195,6 +195,7 @@ def evaluate(model: str, data: str, *, num_images: int | None = None, steps: int
 
     # 1. Generated images, one per held-out caption.
     pipe = load_pipeline(model).to(device)
+    guidance = pipe.config.default_guidance_scale if guidance is None else guidance  # the model's own by default
     generated = generate_images(pipe, [r.caption for r in heldout], steps=steps, guidance=guidance, seed=seed,
                                 batch_size=batch_size, guidance_interval=guidance_interval, show_progress=show_progress)
     size = tuple(generated.shape[-2:])
@@ -264,7 +265,7 @@ def add_eval_parser(subparsers):
                    help="A split folder with heldout/ (and train/) from scripts/prepare_emoji_data.py, or an image folder.")
     p.add_argument("--num-images", type=int, default=None, help="Held-out captions to draw (default: all of them).")
     p.add_argument("--steps", type=int, default=25, help="Denoising steps.")
-    p.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale.")
+    p.add_argument("--guidance", type=float, default=None, help="Classifier-free guidance scale; default: the model's own.")
     add_guidance_interval_argument(p)
     p.add_argument("--batch-size", type=int, default=16, help="Images per pipeline call.")
     p.add_argument("--seed", type=int, default=0, help="Seeds generation, the caption subset and the floor's draw.")

@@ -30,7 +30,8 @@ def ema_copy(model, ema, device) -> LatentDiTTransformer2DModel:
 
 def sampling_pipeline(model, vae, tokenizer, text_encoder, cfg):
     scheduler = build_inference_scheduler(cfg.model.prediction_type, beta_schedule=cfg.train.beta_schedule)
-    pipe = build_pipeline(model, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler)
+    pipe = build_pipeline(model, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler,
+                          guidance_scale=cfg.train.guidance_scale)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

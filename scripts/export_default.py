@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--max-mb", type=float, default=100.0)
     parser.add_argument("--vae", default=None, help="An autoencoder with the same encoder to ship instead (a retrained decoder).")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="The default's guidance scale, used when none is given (default: the source's own).")
     args = parser.parse_args()
     source, target = Path(args.source), Path(args.target)
 
@@ -56,6 +58,8 @@ def main():
         vae = load_vae(args.vae)
         check_same_latent_space(pipe.vae, vae, args.vae)
         pipe.register_modules(vae=vae)
+    if args.guidance is not None:
+        pipe.register_to_config(default_guidance_scale=args.guidance)
     pipe.to(getattr(torch, args.dtype))
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

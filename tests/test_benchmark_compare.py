@@ -18,17 +18,18 @@ def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark_compare.py"), "--presets", "DiT-S/2",
                     "--latent-sizes", "8", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--skip-memory",
-                    "--out", str(out)], check=True, capture_output=True)
+                    "--pixart-blocks", "--out", str(out)], check=True, capture_output=True)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["machine"]["torch"] == torch.__version__
     train, sampling = report["results"]
-    assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "diffusers-pixart"}
+    assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "ours-text-pixart", "diffusers-pixart"}
     assert train["ratio_class_vs_dit"] == pytest.approx(
         train["timings"]["ours-class"]["median_s"] / train["timings"]["diffusers-dit"]["median_s"])
     assert set(sampling["timings"]) == {"ours-pipeline", "diffusers-pixart-pipeline"}
     assert sampling["ratio_vs_pixart_pipeline"] > 0
     table = out.with_suffix(".md").read_text()
     assert f"ours/DiT = {train['ratio_class_vs_dit']:.2f}" in table
+    assert f"ours with PixArt's blocks/PixArt = {train['ratio_text_pixart_blocks_vs_pixart']:.2f}" in table
     assert f"ours/PixArtAlphaPipeline = {sampling['ratio_vs_pixart_pipeline']:.2f}" in table
 
 

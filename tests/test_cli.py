@@ -96,3 +96,27 @@ def test_missing_prompt_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main(["generate"])
     assert excinfo.value.code == 2 and "prompt" in capsys.readouterr().err
+
+
+def test_without_guidance_the_model_own_default_is_used(tiny_pipeline_dir, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    from latent_dit.components import load_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "default_guidance_scale": 1.0}))
+    _generate(model, tmp_path / "x.png", seed=3, num_images=1)
+    pipe = load_pipeline(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    drawn = np.asarray(PIL.Image.open(tmp_path / "x.png"))
+
+    def draw(guidance):
+        return np.asarray(pipe("a red fox", height=16, width=24, num_inference_steps=2, guidance_scale=guidance,
+                               generator=torch.Generator().manual_seed(3)).images[0])
+    np.testing.assert_array_equal(drawn, draw(1.0))
+    assert not np.array_equal(drawn, draw(4.5))

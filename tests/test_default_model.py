@@ -35,6 +35,17 @@ def test_cli_without_model_uses_the_default(tmp_path):
     assert image.std() > 10  # a picture, not a flat field
 
 
+def test_default_guidance_is_the_one_its_samples_and_fid_use():
+    """`latent-dit generate` without --guidance draws as the README's samples and docs' FID were drawn."""
+    import json
+    from pathlib import Path
+
+    guidance = json.loads((DEFAULT_MODEL / "model_index.json").read_text())["default_guidance_scale"]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"*The default (guidance {guidance}, seed 0)" in readme
+    assert f"| FID, 340 held-out captions vs the 340 held-out images (25 steps, guidance {guidance})" in readme
+
+
 def test_prompt_steers_the_default():
     pipe = LatentDiTPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

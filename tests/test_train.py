@@ -77,7 +77,7 @@ def test_each_layout_trains_and_exports_a_pipeline_that_loads_and_generates(layo
     make_data, layout_name = LAYOUTS[layout]
     data = make_data(tmp_path / "data")
     out = tmp_path / "run"
-    summary = train.main(tiny_config(data, out, components, ["train.max_steps=4"]))
+    summary = train.main(tiny_config(data, out, components, ["train.max_steps=4", "train.guidance_scale=2.0"]))
 
     assert summary["steps"] == 4 and not summary["interrupted"]
     assert f"({layout_name}): 4 of 4 images used" in summary["data"]
@@ -90,6 +90,7 @@ def test_each_layout_trains_and_exports_a_pipeline_that_loads_and_generates(layo
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
     assert type(pipe).__name__ == "LatentDiTPipeline"
+    assert pipe.config.default_guidance_scale == 2.0  # the run's guidance travels with the model
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 

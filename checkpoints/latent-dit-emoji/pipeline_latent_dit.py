@@ -64,9 +64,12 @@ class LatentDiTPipeline(DiffusionPipeline):
     _optional_components = ["vae", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None):
+    def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None, default_guidance_scale: float = 4.5):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, scheduler=scheduler)
+        # The guidance `__call__` uses when given none: saved in model_index.json, so a model carries the one it
+        # was trained and judged with (`latent-dit train` writes its `train.guidance_scale`).
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -261,7 +264,7 @@ class LatentDiTPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 4.5,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -287,6 +290,7 @@ class LatentDiTPipeline(DiffusionPipeline):
             height, width: image size in pixels, multiples of VAE factor × patch size; default: the trained size.
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance weight; 1.0 disables guidance (one model pass per step).
+                Default: the model's `default_guidance_scale` (in its model_index.json; 4.5 when it has none).
             guidance_interval: (low, high): guide only at steps whose noise level t / num_train_timesteps (1 = pure
                 noise) lies in it; the other steps take one conditional pass. Guidance at high noise costs variety
                 and at low noise does little (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval").
@@ -315,6 +319,8 @@ class LatentDiTPipeline(DiffusionPipeline):
             prompt_attention_mask, negative_prompt_attention_mask, class_labels, output_type,
             callback_on_step_end_tensor_inputs, guidance_interval,
         )
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
