@@ -99,24 +99,53 @@ class TextEmbedder(nn.Module):
         return self.token_proj(tokens), self.pooled_proj(pooled)
 
 
+class WrittenOutAttention(torch.autograd.Function):
+    """softmax(q·kᵀ/√d + mask)·v as two batched GEMMs and a softmax, as in the DiT reference's attention.
+
+    Autograd through these three steps would keep every block's (T, L) softmax weights until backward. Like a
+    fused kernel, this keeps only q, k and v, and recomputes the weights in backward (one more GEMM and
+    softmax there): −8% peak training memory at DiT-S/2 (docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def weights(q, k, mask):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1)
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, for both passes' GEMMs
+        ctx.save_for_backward(q, k, v, mask)
+        return WrittenOutAttention.weights(q, k, mask) @ v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, mask = ctx.saved_tensors
+        weights = WrittenOutAttention.weights(q, k, mask)
+        grad_v = weights.transpose(-1, -2) @ grad_out
+        # Softmax backward, dS = P ∘ (dP − rowsum(P ∘ dP)), in PyTorch's fused kernel.
+        grad_scores = torch._softmax_backward_data(grad_out @ v.transpose(-1, -2), weights, -1, weights.dtype)
+        scale = q.shape[-1] ** -0.5
+        return (grad_scores @ k) * scale, (grad_scores.transpose(-1, -2) @ q) * scale, grad_v, None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors; `mask` is boolean, True = attend.
 
     PyTorch's fused `scaled_dot_product_attention` (flash on a GPU), except in bf16 on a CPU. There the
     fused kernels reach ~150 GFLOP/s while bf16 batched GEMMs reach several times that, so up to 256×256
-    query-key pairs the three steps are written out, as in the DiT reference's unfused attention: forward +
-    backward at DiT-S/2 size in 5-7 ms instead of 11-12 (docs/benchmarks.md). They store the (T, L) weights
-    for backward, which the fused kernel does not, so longer sequences keep the fused kernel, in float32
-    (on a CPU it is slower in bf16).
+    query-key pairs the steps are written out (`WrittenOutAttention`): forward + backward at DiT-S/2 size in
+    6-7 ms instead of 11-12 (docs/benchmarks.md). Longer sequences keep the fused kernel, in float32 (on a
+    CPU it is slower in bf16).
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         if q.shape[-2] * k.shape[-2] > 256 * 256:
             with torch.autocast("cpu", enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return scores.softmax(dim=-1) @ v
+        return WrittenOutAttention.apply(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

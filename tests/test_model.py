@@ -327,6 +327,42 @@ def test_bf16_attention_on_cpu_is_written_out_and_matches_float32(monkeypatch):
     assert (out.float() - sdpa(long, long, long)).abs().max() < 0.05
 
 
+def _saved_tensors(fn, *args):
+    """fn(*args) and the shapes and dtypes autograd keeps for its backward."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
+def test_written_out_attention_keeps_no_weights_and_has_exact_gradients():
+    g = torch.Generator().manual_seed(0)
+    N, H, T, L, d = 2, 3, 6, 5, 4
+    q, k, v = (torch.randn(N, H, n, d, generator=g, dtype=torch.float64, requires_grad=True) for n in (T, L, L))
+    mask = torch.ones(N, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., 3:] = False
+    for m in (None, mask):
+        torch.autograd.gradcheck(model_module.WrittenOutAttention.apply, (q, k, v, m))
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        torch.testing.assert_close(model_module.WrittenOutAttention.apply(q, k, v, m), expected)
+
+    # In bf16 on a CPU (where the model uses it): only q, k, v (and the mask) wait for backward, no (T, L) weights.
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out, saved = _saved_tensors(model_module.attention, qb, kb, vb, mask)
+    assert sorted(saved) == sorted([((N, H, T, d), torch.bfloat16), ((N, H, L, d), torch.bfloat16),
+                                    ((N, H, L, d), torch.bfloat16), ((N, 1, 1, L), torch.bool)])
+    out.float().square().sum().backward()
+    reference = [x.detach().float().requires_grad_() for x in (qb, kb, vb)]
+    F.scaled_dot_product_attention(*reference, attn_mask=mask).square().sum().backward()
+    for ours, theirs in zip((qb, kb, vb), reference):
+        assert (ours.grad.float() - theirs.grad).abs().max() < 0.05 * theirs.grad.abs().max()
+
+
 def test_qk_norm_makes_attention_invariant_to_query_scale():
     for use_qk_norm, should_change in ((True, False), (False, True)):
         model = _perturbed(use_qk_norm=use_qk_norm)
