@@ -145,7 +145,8 @@ def peak_memory() -> dict:
         return {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1), "memory_kind": "torch.cuda.max_memory_allocated"}
     from latent_dit.malloc import peak_rss_bytes  # this process's own peak (getrusage's counts the parent's)
 
-    return {"peak_memory_mib": round(peak_rss_bytes() / 2**20, 1), "memory_kind": "peak RSS (VmHWM)"}
+    kind = "peak RSS (VmHWM)" if sys.platform.startswith("linux") else "peak RSS (getrusage)"
+    return {"peak_memory_mib": round(peak_rss_bytes() / 2**20, 1), "memory_kind": kind}
 
 
 def machine() -> dict:
