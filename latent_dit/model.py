@@ -104,7 +104,7 @@ class WrittenOutAttention(torch.autograd.Function):
 
     Autograd through these three steps would keep every block's (T, L) softmax weights until backward. Like a
     fused kernel, this keeps only q, k and v, and recomputes the weights in backward (one more GEMM and
-    softmax there): −8% peak training memory at DiT-S/2 (docs/benchmarks.md).
+    softmax there): 6-8% less peak training memory at DiT-S/2 (docs/benchmarks.md).
     """
 
     @staticmethod

@@ -118,15 +118,16 @@ def test_guidance_interval_guides_only_the_steps_whose_noise_level_is_inside(tin
 
 
 def test_default_guidance_is_the_pipelines_own_and_is_saved_with_it(tmp_path):
-    pipe = quiet(build_pipeline(make_tiny_transformer(0, text_embed_dim=32), vae=make_tiny_vae(), tokenizer=make_tiny_pipeline().tokenizer,
-                                text_encoder=make_tiny_pipeline().text_encoder, guidance_scale=2.0))
+    parts = make_tiny_pipeline()
+    pipe = quiet(build_pipeline(parts.transformer, vae=parts.vae, tokenizer=parts.tokenizer, text_encoder=parts.text_encoder,
+                                guidance_scale=2.0))
     pipe.save_pretrained(tmp_path)
     loaded = quiet(LatentDiTPipeline.from_pretrained(tmp_path))
     assert loaded.config.default_guidance_scale == 2.0
     unset = generate(loaded)
     np.testing.assert_array_equal(unset, generate(loaded, guidance_scale=2.0))
     assert np.abs(unset - generate(loaded, guidance_scale=4.5)).max() > 1e-4
-    assert make_tiny_pipeline().config.default_guidance_scale == 4.5  # PixArt-α's, when a model names none
+    assert parts.config.default_guidance_scale == 4.5  # PixArt-α's, when a model names none
 
 
 def test_negative_prompt_changes_the_guided_image(tiny_pipe):
