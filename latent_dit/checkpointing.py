@@ -267,6 +267,31 @@ def load_checkpoint(accelerator, path: str | Path) -> None:
     logger.info("loaded checkpoint %s", path)
 
 
+def check_same_model(path: str | Path, model: torch.nn.Module, hint: str = "") -> None:
+    """Fail before loading when checkpoint ``path`` holds other weights than ``model`` has (a changed model
+    config): accelerate's own error lists every key and says nothing of the cause. ``hint`` names it.
+    Only a single-file ``model.safetensors`` is compared; other layouts are left to accelerate's check."""
+    from safetensors import safe_open
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if saved == ours:
+        return
+    missing, unexpected = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+    reshaped = sorted(k for k in ours.keys() & saved.keys() if ours[k] != saved[k])
+    found = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
+             ((missing, "weights missing"), (unexpected, "weights this model lacks"), (reshaped, "of another shape")) if names]
+    raise ValueError(
+        f"checkpoint {path} holds a different model than this config builds ({'; '.join(found)}). "
+        f"{hint + ' ' if hint else ''}Resume with the model settings the run started with, "
+        "or set another train.output_dir to start a new run."
+    )
+
+
 # --- stopping cleanly on SIGINT / SIGTERM ------------------------------------------------------------------
 
 

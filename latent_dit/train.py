@@ -25,9 +25,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .cache import CachedDataset, cache_fingerprint, check_cacheable, collate_cached
-from .checkpointing import TrainState, install_signal_handlers, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import (
+    TrainState, check_same_model, install_signal_handlers, load_checkpoint, resolve_resume, save_checkpoint,
+)
 from .components import load_text_encoder, load_vae, text_embed_dim, vae_latent_channels, vae_scale_factor
-from .config import Config, load_config, to_yaml, transformer_kwargs
+from .config import Config, ConfigError, load_config, model_differences, to_yaml, transformer_kwargs
 from .data import BucketBatchSampler, ImageCaptionDataset, collate, make_buckets, scan_dataset
 from .encoding import encode_captions, encode_images, latent_scaling
 from .export import export_pipeline
@@ -177,6 +179,16 @@ def build_model(cfg: Config, in_channels: int, latent_size: int, text_dim: int |
     return model
 
 
+def resume_hint(checkpoint: Path, cfg: Config) -> str:
+    """The overrides that rebuild the checkpoint's model, from the config.yaml saved in it (if readable)."""
+    saved = Path(checkpoint, "config.yaml")
+    try:
+        overrides = model_differences(saved, cfg.model) if saved.is_file() and not cfg.train.init_from else []
+    except ConfigError:  # written by another version of latent-dit
+        overrides = []
+    return f"Its config.yaml has other model settings: add {' '.join('--set ' + o for o in overrides)}." if overrides else ""
+
+
 def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     # fused=True: one vectorised kernel per parameter tensor instead of ~10 elementwise ops (CPU and CUDA).
     return torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=True)
@@ -257,6 +269,9 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 
     # 3. Model, EMA, optimizer, LR schedule, objective.
     model = build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, len(class_names or []))
+    checkpoint = resolve_resume(out, resume)
+    if checkpoint is not None:  # a config that builds another model fails here, with the settings to fix
+        check_same_model(checkpoint, model, hint=resume_hint(checkpoint, cfg))
     # foreach: one vectorised update over all tensors instead of a Python loop (12 M params on CPU: 6.5 vs 15.5 ms).
     ema = EMAModel(model.parameters(), decay=tc.ema_decay, foreach=True, model_cls=LatentDiTTransformer2DModel, model_config=model.config)
     ema.to(device)
@@ -279,7 +294,6 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     accelerator.register_for_checkpointing(ema, state)
 
     # 4. Resume exactly where a checkpoint stopped (weights, EMA, optimizer, LR, step, data position).
-    checkpoint = resolve_resume(out, resume)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint)
         logger.info("Resumed from %s at step %d", checkpoint, state.step)

@@ -29,27 +29,31 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
+from latent_dit.config import ModelConfig, block_design
 from latent_dit.malloc import keep_freed_memory, peak_rss_bytes, reset_peak_rss
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
 
 TEXT_LENGTH, TEXT_DIM = 77, 512  # CLIP ViT-B text states
-# Our text model with PixArt-α's block design: one adaLN regressor shared by all blocks, no norm before cross-attention.
-PIXART_BLOCKS = dict(adaln_single=True, cross_attention_norm=False)
+# Our text model as `latent-dit train` builds it (PixArt-α's blocks), and with DiT's per-block adaLN regressors
+# plus a LayerNorm before cross-attention (the text default until 2026-12-06; configs/emoji-default.yaml).
+TEXT_BLOCKS = {"ours-text": block_design(ModelConfig(conditioning="text")),
+               "ours-text-dit": dict(adaln_single=False, cross_attention_norm=True)}
 
 
 def build(kind: str, preset: str, latent_size: int):
-    """One of: ours-class, diffusers-dit, ours-text, ours-text-pixart, diffusers-pixart — the same depth/width/heads/patch."""
+    """One of: ours-class, diffusers-dit, ours-text, ours-text-dit, diffusers-pixart — the same depth/width/heads/patch."""
     p = PRESETS[preset]
     heads, width = p["num_heads"], p["hidden_size"]
     common = dict(patch_size=p["patch_size"], in_channels=4)
     if kind == "ours-class":
-        return LatentDiTTransformer2DModel(**p, conditioning="class", learn_sigma=True, sample_size=latent_size)
+        return LatentDiTTransformer2DModel(**p, conditioning="class", learn_sigma=True, sample_size=latent_size,
+                                           **block_design(ModelConfig(conditioning="class")))
     if kind == "diffusers-dit":
         return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
                                      sample_size=latent_size, out_channels=8, **common)
-    if kind in ("ours-text", "ours-text-pixart"):
+    if kind in TEXT_BLOCKS:
         return LatentDiTTransformer2DModel(**p, conditioning="text", text_embed_dim=TEXT_DIM, sample_size=latent_size,
-                                           **(PIXART_BLOCKS if kind == "ours-text-pixart" else {}))
+                                           **TEXT_BLOCKS[kind])
     if kind == "diffusers-pixart":
         return PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, num_layers=p["depth"],
                                         sample_size=latent_size, out_channels=4, cross_attention_dim=width,
@@ -72,7 +76,7 @@ def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
         "ours-text": dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=pooled),
         "diffusers-pixart": dict(encoder_hidden_states=text, encoder_attention_mask=mask,
                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
-    }["ours-text" if kind == "ours-text-pixart" else kind]  # PixArt's block design takes the same inputs
+    }["ours-text" if kind in TEXT_BLOCKS else kind]  # either block design takes the same inputs
     return x, t, kwargs
 
 
@@ -228,8 +232,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile'd models.")
-    parser.add_argument("--pixart-blocks", action="store_true",
-                        help="Also time our text model with PixArt-α's block design (adaln_single, no cross_attention_norm).")
+    parser.add_argument("--dit-blocks", action="store_true",
+                        help="Also time our text model with DiT's per-block adaLN and a norm before cross-attention.")
     parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -254,14 +258,14 @@ def main():
                 tag = "compiled" if compiled else "eager"
                 runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
                            for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")
-                           + (("ours-text-pixart",) if args.pixart_blocks else ())}
+                           + (("ours-text-dit",) if args.dit_blocks else ())}
                 results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
                 del runners
                 entry = {"task": "train-step", "preset": preset, "latent": latent_size, "mode": tag, "timings": results,
                          "ratio_class_vs_dit": ratio(results, "ours-class", "diffusers-dit"),
                          "ratio_text_vs_pixart": ratio(results, "ours-text", "diffusers-pixart")}
-                if args.pixart_blocks:
-                    entry["ratio_text_pixart_blocks_vs_pixart"] = ratio(results, "ours-text-pixart", "diffusers-pixart")
+                if args.dit_blocks:
+                    entry["ratio_text_dit_blocks_vs_pixart"] = ratio(results, "ours-text-dit", "diffusers-pixart")
                 if not args.skip_memory and not compiled:
                     entry |= measure_memory(results, preset, latent_size, args.batch_size, device, dtype, "train")
                 report["results"].append(entry)
@@ -269,8 +273,8 @@ def main():
                 for kind, r in results.items():
                     rows.append(f"| train step | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.1f} "
                                 f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {memory_cell(entry, kind)} |")
-                variant = (f", ours with PixArt's blocks/PixArt = {entry['ratio_text_pixart_blocks_vs_pixart']:.2f}"
-                          if args.pixart_blocks else "")
+                variant = (f", ours with DiT's blocks/PixArt = {entry['ratio_text_dit_blocks_vs_pixart']:.2f}"
+                          if args.dit_blocks else "")
                 rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{variant} | | |")
             if not args.skip_sampling:
                 for compiled in modes:

@@ -18,19 +18,30 @@ def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark_compare.py"), "--presets", "DiT-S/2",
                     "--latent-sizes", "8", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--skip-memory",
-                    "--pixart-blocks", "--out", str(out)], check=True, capture_output=True)
+                    "--dit-blocks", "--out", str(out)], check=True, capture_output=True)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["machine"]["torch"] == torch.__version__
     train, sampling = report["results"]
-    assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "ours-text-pixart", "diffusers-pixart"}
+    assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "ours-text-dit", "diffusers-pixart"}
     assert train["ratio_class_vs_dit"] == pytest.approx(
         train["timings"]["ours-class"]["median_s"] / train["timings"]["diffusers-dit"]["median_s"])
     assert set(sampling["timings"]) == {"ours-pipeline", "diffusers-pixart-pipeline"}
     assert sampling["ratio_vs_pixart_pipeline"] > 0
     table = out.with_suffix(".md").read_text()
     assert f"ours/DiT = {train['ratio_class_vs_dit']:.2f}" in table
-    assert f"ours with PixArt's blocks/PixArt = {train['ratio_text_pixart_blocks_vs_pixart']:.2f}" in table
+    assert f"ours with DiT's blocks/PixArt = {train['ratio_text_dit_blocks_vs_pixart']:.2f}" in table
     assert f"ours/PixArtAlphaPipeline = {sampling['ratio_vs_pixart_pipeline']:.2f}" in table
+
+
+def test_ours_are_the_models_latent_dit_train_builds():
+    from latent_dit.config import ModelConfig, transformer_kwargs
+
+    for kind, conditioning in (("ours-text", "text"), ("ours-class", "class")):
+        built = benchmark_compare.build(kind, "DiT-S/2", 8).config
+        default = transformer_kwargs(ModelConfig(conditioning=conditioning))
+        assert {k: built[k] for k in ("adaln_single", "cross_attention_norm")} == {
+            k: default[k] for k in ("adaln_single", "cross_attention_norm")}
+    assert benchmark_compare.build("ours-text-dit", "DiT-S/2", 8).shared_modulation is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

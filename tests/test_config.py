@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from latent_dit.config import Config, ConfigError, load_config, to_yaml, transformer_kwargs
-from latent_dit.model import PRESETS
+from latent_dit.config import Config, ConfigError, load_config, model_differences, to_yaml, transformer_kwargs
+from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
@@ -93,14 +94,40 @@ def test_dit_presets_have_the_paper_sizes_and_their_resolution(name):
 def test_defaults_overrides_and_yaml_values(tmp_path):
     path = write(tmp_path, "train:\n  learning_rate: 1e-4\n  max_steps: 5\ndata:\n  source: imgs\n")
     cfg = load_config(path, ["train.max_steps=7", "train.validation_prompts=[a, b]", "components.vae=null",
-                             "model.depth=3", "train.snr_gamma=5", "model.cross_attention_norm=false"])
+                             "model.depth=3", "train.snr_gamma=5", "model.cross_attention_norm=true"])
     assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)  # YAML reads 1e-4 as a string
     assert (cfg.train.max_steps, cfg.train.validation_prompts, cfg.components.vae) == (7, ["a", "b"], None)
     assert cfg.model.depth == 3 and transformer_kwargs(cfg.model)["depth"] == 3
-    assert transformer_kwargs(cfg.model)["cross_attention_norm"] is False
+    assert transformer_kwargs(cfg.model)["cross_attention_norm"] is True
     assert cfg.train.snr_gamma == 5.0 and isinstance(cfg.train.snr_gamma, float)
     assert cfg.data.source == "imgs" and cfg.data.resolution == 256  # untouched keys keep their defaults
     assert load_config() == Config()
+
+
+@pytest.mark.parametrize("overrides, design", [
+    ([], (True, False)),  # text: PixArt-α's blocks
+    (["model.conditioning=class"], (False, True)),  # class and unconditional: DiT's per-block adaLN
+    (["model.conditioning=none"], (False, True)),
+    (["model.adaln_single=false"], (False, True)),  # the norm follows the adaLN choice unless set
+    (["model.conditioning=class", "model.adaln_single=true"], (True, False)),
+    (["model.adaln_single=false", "model.cross_attention_norm=false"], (False, False)),
+    (["model.cross_attention_norm=true"], (True, True)),
+])
+def test_block_design_defaults_by_conditioning_and_explicit_values_win(overrides, design):
+    kwargs = transformer_kwargs(load_config(None, overrides).model)
+    assert (kwargs["adaln_single"], kwargs["cross_attention_norm"]) == design
+    model = LatentDiTTransformer2DModel(**{**kwargs, "depth": 1, "hidden_size": 32, "num_heads": 2}, sample_size=4,
+                                        text_embed_dim=16)
+    assert (model.shared_modulation is not None) == design[0]
+    if kwargs["conditioning"] == "text":
+        assert isinstance(model.blocks[0].norm_cross, torch.nn.LayerNorm) == design[1]
+
+
+def test_model_differences_name_the_overrides_that_rebuild_a_saved_run(tmp_path):
+    saved = write(tmp_path, "model:\n  depth: 6\n  adaln_single: false\n  conditioning: text\n")
+    assert model_differences(saved, load_config(None, ["model.depth=6"]).model) == [
+        "model.adaln_single=false", "model.cross_attention_norm=true"]
+    assert model_differences(saved, load_config(saved).model) == []
 
 
 def test_yes_and_no_are_strings_as_in_yaml_1_2(tmp_path):

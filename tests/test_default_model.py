@@ -25,6 +25,20 @@ def test_default_is_small_half_precision_safetensors_only():
         assert dtypes <= {"F16", "BF16", "I64"}, (path, dtypes)
 
 
+@pytest.mark.parametrize("config", ["configs/emoji-default.yaml", "checkpoints/latent-dit-emoji/training_config.yaml"])
+def test_its_configs_build_the_shipped_architecture(config):
+    """Retraining the default from its config must give its blocks, whatever the text default is now."""
+    import json
+    from pathlib import Path
+
+    from latent_dit.config import load_config, transformer_kwargs
+
+    built = transformer_kwargs(load_config(Path(__file__).resolve().parent.parent / config).model)
+    shipped = json.loads((DEFAULT_MODEL / "transformer" / "config.json").read_text())
+    defaults = {"cross_attention_norm": True}  # saved before the option existed: the model class's default
+    assert built == {k: shipped.get(k, defaults.get(k)) for k in built}
+
+
 def test_cli_without_model_uses_the_default(tmp_path):
     out = tmp_path / "apple.png"
     main(["generate", "a 3d rendered red apple emoji", "--steps", "10", "--out", str(out)])

@@ -205,6 +205,23 @@ def test_sigterm_writes_a_checkpoint_and_exits_0_then_resume_finishes(tmp_path, 
     assert Path(summary["pipeline"], "model_index.json").is_file()
 
 
+def test_resume_with_a_config_that_builds_another_model_names_the_settings_to_add(tmp_path, components):
+    # A run started with DiT's per-block adaLN, resumed by a config that now gets the text default (PixArt-α's).
+    data = make_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    started = ["model.adaln_single=false", "train.max_steps=4"]
+    train.main(tiny_config(data, out, components, started), stop_after=2)
+
+    with pytest.raises(ValueError, match="different model than this config builds") as error:
+        train.main(tiny_config(data, out, components, ["train.max_steps=4"]), resume="latest")
+    assert "--set model.adaln_single=false --set model.cross_attention_norm=true" in str(error.value)
+    assert "adaLN_modulation" in str(error.value)  # names a weight that differs
+    assert max(read_metrics(out)) == 2, "the failed resume must not train"
+
+    summary = train.main(tiny_config(data, out, components, started), resume="latest")
+    assert (summary["steps"], summary["steps_this_run"]) == (4, 2)
+
+
 # ---------------------------------------------------------------- bad data
 
 
