@@ -9,6 +9,9 @@ Training step = forward + MSE loss + backward + AdamW step. Class-conditional la
 heads, patch, text length and width). Sampling = 20 steps with guidance, batch 4, our pipeline vs
 `PixArtAlphaPipeline` built with the same-size transformer, VAE, tokenizer and text encoder.
 Runs are interleaved (A, B, C, A, B, C, ...) and repeated; medians and spreads are reported.
+Each training step's model FLOPs are counted (latent_dit.flops: 3 × one forward's matmuls and attention) and
+reported as TFLOP/s and MFU: against the datasheet's dense bf16 peak on a GPU, against this machine's measured
+GEMM rate on a CPU.
 Peak memory is measured per model, for training and for sampling, in a fresh subprocess: on CUDA
 max_memory_allocated; on a CPU the process's peak resident size during two steps or two pipeline calls, less
 its size once the models are built (Adam state, gradients, activations), twice: "live", with glibc handing
@@ -30,6 +33,7 @@ import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
 from latent_dit.config import ModelConfig, block_design
+from latent_dit.flops import peak_flops, training_step_flops
 from latent_dit.malloc import keep_freed_memory, peak_rss_bytes, reset_peak_rss
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel
 
@@ -89,6 +93,10 @@ class TrainStep:
         self.target = torch.randn_like(self.x)
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.device, self.dtype = device, dtype
+
+    def flops(self) -> int:
+        """Model FLOPs of one step (counted on the eager model: compiling changes no model FLOPs)."""
+        return training_step_flops(self.model, self.x, timestep=self.t, autocast_dtype=self.dtype, **self.kwargs)
 
     def __call__(self):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -181,6 +189,12 @@ def memory_cell(entry, kind) -> str:
     return f"{entry['peak_memory_mb'][kind]:.0f}" + ("" if kept is None else f" / {kept:.0f}")
 
 
+def mfu_cell(entry, kind) -> str:
+    rate = entry["tflop_per_step"][kind] / entry["timings"][kind]["median_s"]
+    mfu = entry["mfu"][kind]
+    return f"{rate:.3g}" + ("" if mfu is None else f" ({mfu:.1%})")
+
+
 def tiny_text_parts(device):
     from latent_dit.tiny import make_tiny_text_encoder, make_tiny_tokenizer, make_tiny_vae
     import tempfile
@@ -245,11 +259,12 @@ def main():
     # Both sides run with glibc keeping freed memory, as latent-dit's command-line entry points do: otherwise
     # every step page-faults its activations back in, which cost both sides 25-35% here, by chance amounts.
     allocator = "glibc, freed memory kept (latent_dit.malloc)" if keep_freed_memory() else "default"
+    peak, peak_source = peak_flops(device, dtype)
 
     rows, report = [], {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                                     "cpus": os.cpu_count(), "torch": torch.__version__,
                                     "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
-                                    "allocator": allocator},
+                                    "allocator": allocator, "peak_flops": peak, "peak_flops_source": peak_source},
                         "args": vars(args), "results": []}
     modes = [False, True] if args.compile else [False]
     for preset in args.presets:
@@ -260,8 +275,11 @@ def main():
                            for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")
                            + (("ours-text-dit",) if args.dit_blocks else ())}
                 results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
+                flops = {kind: runner.flops() for kind, runner in runners.items()}
                 del runners
                 entry = {"task": "train-step", "preset": preset, "latent": latent_size, "mode": tag, "timings": results,
+                         "tflop_per_step": {kind: f / 1e12 for kind, f in flops.items()},
+                         "mfu": {kind: f / results[kind]["median_s"] / peak if peak else None for kind, f in flops.items()},
                          "ratio_class_vs_dit": ratio(results, "ours-class", "diffusers-dit"),
                          "ratio_text_vs_pixart": ratio(results, "ours-text", "diffusers-pixart")}
                 if args.dit_blocks:
@@ -272,10 +290,10 @@ def main():
                 print(json.dumps(entry, indent=1))
                 for kind, r in results.items():
                     rows.append(f"| train step | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.1f} "
-                                f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {memory_cell(entry, kind)} |")
+                                f"({r['q1_s'] * 1000:.1f}–{r['q3_s'] * 1000:.1f}) | {memory_cell(entry, kind)} | {mfu_cell(entry, kind)} |")
                 variant = (f", ours with DiT's blocks/PixArt = {entry['ratio_text_dit_blocks_vs_pixart']:.2f}"
                           if args.dit_blocks else "")
-                rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{variant} | | |")
+                rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{variant} | | | |")
             if not args.skip_sampling:
                 for compiled in modes:
                     tag = "compiled" if compiled else "eager"
@@ -290,15 +308,16 @@ def main():
                     print(json.dumps(entry, indent=1))
                     for kind, r in results.items():
                         rows.append(f"| sampling | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.0f} "
-                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {memory_cell(entry, kind)} |")
-                    rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | |")
+                                    f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {memory_cell(entry, kind)} | |")
+                    rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | | |")
 
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     memory = "peak MB (live / kept)" if device.type == "cpu" else "peak MB"
-    header = (f"| task | preset | latent | mode | model | median ms (q1–q3) | {memory} |\n"
-              "| --- | --- | --- | --- | --- | --- | --- |\n")
-    out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\n" + header + "\n".join(rows) + "\n")
+    header = (f"| task | preset | latent | mode | model | median ms (q1–q3) | {memory} | TFLOP/s (MFU) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\nMFU peak: {peak_source}\n\n" + header
+                                      + "\n".join(rows) + "\n")
     print(header + "\n".join(rows))
 
 

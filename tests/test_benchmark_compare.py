@@ -25,10 +25,17 @@ def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
     assert set(train["timings"]) == {"ours-class", "diffusers-dit", "ours-text", "ours-text-dit", "diffusers-pixart"}
     assert train["ratio_class_vs_dit"] == pytest.approx(
         train["timings"]["ours-class"]["median_s"] / train["timings"]["diffusers-dit"]["median_s"])
+    peak = report["machine"]["peak_flops"]
+    assert report["machine"]["peak_flops_source"].startswith("measured") and peak > 0  # CPU: this machine's GEMM rate
+    for kind, timing in train["timings"].items():
+        assert train["tflop_per_step"][kind] > 0
+        assert train["mfu"][kind] == pytest.approx(train["tflop_per_step"][kind] * 1e12 / timing["median_s"] / peak)
+    # the same preset and text length: both text models do nearly the same model FLOPs (PixArt's caption MLP differs)
+    assert train["tflop_per_step"]["ours-text"] == pytest.approx(train["tflop_per_step"]["diffusers-pixart"], rel=0.1)
     assert set(sampling["timings"]) == {"ours-pipeline", "diffusers-pixart-pipeline"}
     assert sampling["ratio_vs_pixart_pipeline"] > 0
     table = out.with_suffix(".md").read_text()
-    assert f"ours/DiT = {train['ratio_class_vs_dit']:.2f}" in table
+    assert f"ours/DiT = {train['ratio_class_vs_dit']:.2f}" in table and f"({train['mfu']['ours-text']:.1%})" in table
     assert f"ours with DiT's blocks/PixArt = {train['ratio_text_dit_blocks_vs_pixart']:.2f}" in table
     assert f"ours/PixArtAlphaPipeline = {sampling['ratio_vs_pixart_pipeline']:.2f}" in table
 
