@@ -267,6 +267,9 @@ def load_checkpoint(accelerator, path: str | Path) -> None:
     logger.info("loaded checkpoint %s", path)
 
 
+_WRAPPER_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
+
+
 def check_same_model(path: str | Path, model: torch.nn.Module, hint: str = "") -> None:
     """Fail before loading when checkpoint ``path`` holds other weights than ``model`` has (a changed model
     config): accelerate's own error lists every key and says nothing of the cause. ``hint`` names it.
@@ -276,8 +279,11 @@ def check_same_model(path: str | Path, model: torch.nn.Module, hint: str = "") -
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         return
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # keys as saved from the wrapped model (DDP, torch.compile)
+            saved = {_WRAPPER_PREFIX.sub("", key): tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception:  # unreadable: load_checkpoint's error names the folder and its files
+        return
     ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     if saved == ours:
         return

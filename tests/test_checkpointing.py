@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from latent_dit.checkpointing import (
     TrainState,
+    check_same_model,
     install_signal_handlers,
     list_checkpoints,
     load_checkpoint,
@@ -207,6 +208,27 @@ def test_load_of_a_missing_file_names_the_folder(tmp_path):
         load_checkpoint(training.accelerator, path)
     with pytest.raises(FileNotFoundError, match="checkpoint-0000042"):
         load_checkpoint(training.accelerator, tmp_path / "checkpoints" / "checkpoint-0000042")
+
+
+def test_same_model_check_accepts_wrapped_keys_and_names_what_differs(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    folder = tmp_path / "checkpoint-0000001"
+    folder.mkdir()
+    # as accelerate saves a torch.compile'd model under DDP: the wrappers' prefixes on every key
+    save_file({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    check_same_model(folder, model)
+
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Identity())
+    with pytest.raises(ValueError, match="checkpoint-0000001 holds a different model") as error:
+        check_same_model(folder, other, hint="Its config.yaml has other model settings: add --set model.depth=3.")
+    message = str(error.value)
+    assert "2 weights this model lacks, e.g. 1.bias" in message and "2 of another shape, e.g. 0.bias" in message
+    assert "--set model.depth=3" in message
+
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    check_same_model(folder, other)  # unreadable: left to load_checkpoint, whose error names the folder
 
 
 # --- resolving --resume ----------------------------------------------------------------------------------
