@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("uncached", "cached", "bare")
 
 
+def autocast_dtype(mixed_precision: str):
+    """train.mixed_precision as the torch dtype of its autocast (None for "no")."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
@@ -102,6 +109,7 @@ def measure_bare(args) -> dict:
     from latent_dit import train
     from latent_dit.cache import CachedDataset, cache_fingerprint, collate_cached
     from latent_dit.config import load_config
+    from latent_dit.flops import training_step_flops
 
     cfg = load_config(args.config, args.overrides)
     tc = cfg.train
@@ -109,11 +117,14 @@ def measure_bare(args) -> dict:
     dataset, device = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg)), accelerator.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_cached([dataset[i] for i in range(tc.batch_size)]).items()}
     frozen, in_channels, scale_factor, text_dim = train.cached_parts(dataset, len(dataset.manifest["class_names"] or []))
-    model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"])
+    model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"]).to(device)
+    objective = train.make_objective(cfg)
+    sample = train.training_inputs(batch, frozen, objective, cfg, train.micro_step_generator(tc.seed, 0, 0, device))
+    flops = training_step_flops(model, sample["noisy_latents"], sample["timesteps"], **sample["conditioning"],
+                                autocast_dtype=autocast_dtype(tc.mixed_precision))
     optimizer = train.build_optimizer(model, tc)
     model = torch.compile(model) if tc.use_compile else model
     model, optimizer = accelerator.prepare(model, optimizer)
-    objective = train.make_objective(cfg)
 
     def step(i):
         generator = train.micro_step_generator(tc.seed, i, 0, device)
@@ -135,7 +146,21 @@ def measure_bare(args) -> dict:
     loss.item()  # one host sync at the end, as the loop's loss log
     seconds = time.perf_counter() - start
     return {"images_per_second": round(args.steps * tc.batch_size / seconds, 2), "seconds_per_step": round(seconds / args.steps, 4),
-            "measured_steps": args.steps, "warmup_steps": args.warmup, **peak_memory(), "cached": True, "data": "one resident cached batch"}
+            "measured_steps": args.steps, "warmup_steps": args.warmup, **peak_memory(), "cached": True, "data": "one resident cached batch",
+            "model_flops_per_image": flops / tc.batch_size}
+
+
+def add_mfu(results: dict, flops_per_image: float, mixed_precision: str) -> None:
+    """Each mode's model-FLOPs utilisation: images/s × model FLOPs per image / the device's peak (latent_dit.flops)."""
+    import torch
+
+    from latent_dit.flops import peak_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak, source = peak_flops(device, autocast_dtype(mixed_precision) or torch.float32)
+    results["peak_flops"], results["peak_flops_source"] = peak, source
+    for r in results["modes"].values():
+        r["mfu"] = r["images_per_second"] * flops_per_image / peak if peak else None
 
 
 def peak_memory() -> dict:
@@ -212,6 +237,8 @@ def main(argv=None):
         subprocess.run(worker, check=True)
         results["modes"][mode] = {**json.loads(result_file.read_text()), **result}
 
+    if "bare" in results["modes"]:  # model FLOPs per image, counted on the bare step's batch
+        add_mfu(results, results["modes"]["bare"]["model_flops_per_image"], cfg.train.mixed_precision)
     if {"cached", "bare"} <= results["modes"].keys():
         results["cached_over_bare"] = round(results["modes"]["cached"]["images_per_second"] / results["modes"]["bare"]["images_per_second"], 3)
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -219,11 +246,12 @@ def main(argv=None):
     for mode, r in results["modes"].items():
         cache_note = f", cache built in {r['cache_build_seconds']} s" if "cache_build_seconds" in r else ""
         lines.append(f"| {path.stem} | {model} | {cfg.data.resolution} px | {mode} | {results['machine']['device']} | "
-                     f"{cfg.train.batch_size} | {r['images_per_second']} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} |")
+                     f"{cfg.train.batch_size} | {r['images_per_second']} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} | "
+                     + (f"{r['mfu']:.1%} |" if r.get("mfu") is not None else "|"))
     with (out / "benchmark.md").open("a") as f:
         f.write("\n".join(lines) + "\n")
-    print("| config | model | size | mode | device | batch | images/s | peak memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| config | model | size | mode | device | batch | images/s | peak memory | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(lines))
     if "cached_over_bare" in results:
         print(f"cached training runs at {results['cached_over_bare']:.1%} of the bare model step's images/s (goal: >= 95%)")

@@ -316,5 +316,10 @@ def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_
     assert bare["data"] == "one resident cached batch" and bare["measured_steps"] == 2 and bare["images_per_second"] > 0
     assert cached["cached"] is True and cached["images_per_second"] > 0
     assert results["cached_over_bare"] == pytest.approx(cached["images_per_second"] / bare["images_per_second"], abs=1e-3)
+    assert results["peak_flops_source"].startswith("measured")  # a CPU: this machine's GEMM rate
+    for mode in (cached, bare):  # images/s × model FLOPs per image (counted on the bare step's batch) / peak
+        assert mode["mfu"] == pytest.approx(mode["images_per_second"] * bare["model_flops_per_image"] / results["peak_flops"])
+    assert bare["model_flops_per_image"] > 0
     assert results["model"] == "DiT-S/2 with hidden_size=64, depth=2, num_heads=4"  # the config's sizes, not only its preset
-    assert "| DiT-S/2 with hidden_size=64, depth=2, num_heads=4 |" in (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text()
+    assert "| DiT-S/2 with hidden_size=64, depth=2, num_heads=4 |" in table and f"| {bare['mfu']:.1%} |" in table
