@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Issue 6's GPU figures in one `device` call (../shared/GPU.md: carry .whl with diffusers + datasets):
-#   run(command="bash scripts/gpu_benchmarks.sh", carry=[".whl"], timeout_s=560)
-# DiT-XL/2 bf16 training step vs diffusers' DiT / PixArt-α at 32² (batch 32) and 64² (batch 8) latents, with
-# peak memory, model FLOPs and MFU; sampling vs PixArtAlphaPipeline; then the same compiled. Results go to
-# $OUT (JSON + markdown per run, and log.txt); copy them into docs/ and docs/benchmarks.md.
-# PRESET, REPEATS and BATCH_32 / BATCH_64 override the sizes, e.g. for a dry run on a CPU:
-#   PRESET=DiT-S/2 BATCH_32=2 BATCH_64=1 REPEATS=2 OUT=/tmp/gpu bash scripts/gpu_benchmarks.sh
+# Issue 6's GPU figures in one `device` call. Once, in the checkout (../shared/GPU.md): download the .whl
+# wheels (diffusers + datasets) and `cp -r ../shared/assets/taesd cache/taesd`; then
+#   run(command="bash scripts/gpu_benchmarks.sh", carry=[".whl", "cache/taesd"], timeout_s=580)
+# 1-2. DiT-XL/2 bf16 training step vs diffusers' DiT / PixArt-α at 32² (batch 32) and 64² (batch 8) latents:
+#      time, peak memory, model FLOPs and MFU (benchmark_compare.py).
+# 3.   Sampling vs PixArtAlphaPipeline (20 steps, guidance, batch 4).
+# 4.   The real training loop on cached latents vs the bare model step, with MFU (benchmark_train.py:
+#      dit-xl2-256 on drawn 256-px images, TAESD latents, a random 512-wide CLIP text encoder).
+# 5.   The training step again, compiled.
+# $OUT gets log.txt (every table) and one JSON per part; copy them into docs/ and docs/benchmarks.md.
+# PRESET, REPEATS, BATCH_32, BATCH_64, TRAIN_CONFIG and TRAIN_SETS shrink it for a dry run on a CPU:
+#   PRESET=DiT-S/2 BATCH_32=2 BATCH_64=1 REPEATS=2 TRAIN_CONFIG=tiny-cpu OUT=/tmp/gpu bash scripts/gpu_benchmarks.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu-benchmarks}
 PRESET=${PRESET:-DiT-XL/2}
 REPEATS=${REPEATS:-10}
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 log() { tee -a "$OUT/log.txt"; }
 
@@ -23,17 +29,29 @@ $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', 
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | log
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null | log
 
-bench() {  # name, seconds, arguments...
+bench() {  # name, seconds, benchmark_compare arguments...
   local name=$1 seconds=$2; shift 2
   echo "== $name: benchmark_compare $*" | log
   timeout "$seconds" $PY scripts/benchmark_compare.py --presets "$PRESET" --dtype bf16 --repeats "$REPEATS" \
-    --out "$OUT/$name" "$@" > "$OUT/$name.out" 2>&1
+    --out "$WORK/$name" "$@" > "$WORK/$name.out" 2>&1
   echo "exit $?" | log
-  if [ -f "$OUT/$name.md" ]; then log < "$OUT/$name.md"; else tail -n 5 "$OUT/$name.out" | log; fi
+  if [ -f "$WORK/$name.md" ]; then log < "$WORK/$name.md"; cp "$WORK/$name.json" "$OUT/"; else tail -n 5 "$WORK/$name.out" | log; fi
 }
-bench train-32-bf16 120 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 3 --skip-sampling
-bench train-64-bf16 120 --latent-sizes 64 --batch-size "${BATCH_64:-8}" --warmup 3 --skip-sampling
-bench sampling-32-bf16 90 --latent-sizes 32 --warmup 1 --skip-training
+bench train-32-bf16 110 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 3 --skip-sampling
+bench train-64-bf16 110 --latent-sizes 64 --batch-size "${BATCH_64:-8}" --warmup 3 --skip-sampling
+bench sampling-32-bf16 80 --latent-sizes 32 --warmup 1 --skip-training
+
+echo "== train-loop: benchmark_train ${TRAIN_CONFIG:-dit-xl2-256}, cached vs bare" | log
+VAE=cache/taesd; [ -d "$VAE" ] || VAE=../shared/assets/taesd
+$PY -c "from latent_dit.tiny import make_tiny_text_encoder, make_tiny_tokenizer
+tokenizer = make_tiny_tokenizer('$WORK/text'); make_tiny_text_encoder(len(tokenizer), hidden_size=512).save_pretrained('$WORK/text')"
+timeout 150 $PY scripts/benchmark_train.py --config "${TRAIN_CONFIG:-dit-xl2-256}" --synthetic 512 --steps 10 --warmup 3 \
+  --modes cached bare --out "$WORK/train-loop" --set "components.vae=$VAE" --set "components.text_encoder=$WORK/text" \
+  --set data.num_workers=4 ${TRAIN_SETS:-} > "$WORK/train-loop.out" 2>&1
+echo "exit $?" | log
+tail -n 6 "$WORK/train-loop.out" | log
+cp "$WORK/train-loop/benchmark.json" "$OUT/train-loop.json" 2>/dev/null
+
 bench train-32-bf16-compiled 200 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 2 --skip-sampling \
   --skip-memory --compile
 echo "== done" | log
