@@ -293,7 +293,7 @@ def check_same_model(path: str | Path, model: torch.nn.Module, hint: str = "") -
              ((missing, "weights missing"), (unexpected, "weights this model lacks"), (reshaped, "of another shape")) if names]
     raise ValueError(
         f"checkpoint {path} holds a different model than this config builds ({'; '.join(found)}). "
-        f"{hint + ' ' if hint else ''}Resume with the model settings the run started with, "
+        f"{hint + ' ' if hint else ''}Resume with the model settings and components (VAE, text encoder) the run started with, "
         "or set another train.output_dir to start a new run."
     )
 
