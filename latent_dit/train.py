@@ -165,6 +165,11 @@ def cached_parts(dataset: CachedDataset, num_classes: int) -> tuple[dict, int, i
     return frozen, vae_config["latent_channels"], 2 ** (len(vae_config["block_out_channels"]) - 1), text_dim
 
 
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """train.mixed_precision as the dtype Accelerate autocasts to (None for "no")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def build_model(cfg: Config, in_channels: int, latent_size: int, text_dim: int | None, num_classes: int) -> LatentDiTTransformer2DModel:
     """The DiT to train: the `init_from` pipeline's transformer, or a fresh one sized by `cfg.model` and the data."""
     if cfg.train.init_from:
@@ -232,7 +237,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     set_seed(tc.seed)
     device = accelerator.device
     warn_if_emulated_bf16(tc.mixed_precision, device)
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision, torch.float32)
+    frozen_dtype = autocast_dtype(tc.mixed_precision) or torch.float32
     components = FrozenComponents(cfg, device, frozen_dtype)
 
     # 1. Data first, so a folder with no usable image fails before any model loads.

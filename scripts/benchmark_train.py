@@ -32,12 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("uncached", "cached", "bare")
 
 
-def autocast_dtype(mixed_precision: str):
-    """train.mixed_precision as the torch dtype of its autocast (None for "no")."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-
 
 def config_path(name: str) -> Path:
     path = Path(name)
@@ -121,7 +115,7 @@ def measure_bare(args) -> dict:
     objective = train.make_objective(cfg)
     sample = train.training_inputs(batch, frozen, objective, cfg, train.micro_step_generator(tc.seed, 0, 0, device))
     flops = training_step_flops(model, sample["noisy_latents"], sample["timesteps"], **sample["conditioning"],
-                                autocast_dtype=autocast_dtype(tc.mixed_precision))
+                                autocast_dtype=train.autocast_dtype(tc.mixed_precision))
     optimizer = train.build_optimizer(model, tc)
     model = torch.compile(model) if tc.use_compile else model
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -155,6 +149,7 @@ def add_mfu(results: dict, flops_per_image: float, mixed_precision: str) -> None
     import torch
 
     from latent_dit.flops import peak_flops
+    from latent_dit.train import autocast_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak, source = peak_flops(device, autocast_dtype(mixed_precision) or torch.float32)
