@@ -237,6 +237,17 @@ def ratio(results, ours, theirs):
     return results[ours]["median_s"] / results[theirs]["median_s"]
 
 
+def write_report(out: Path, report: dict, rows: list[str], device) -> str:
+    """OUT.json and OUT.md with every result so far (rewritten after each, so a run cut short keeps them)."""
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    memory = "peak MB (live / kept)" if device.type == "cpu" else "peak MB"
+    table = (f"| task | preset | latent | mode | model | median ms (q1–q3) | {memory} | TFLOP/s (MFU) |\n"
+             "| --- | --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+    out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\nMFU peak: {report['machine']['peak_flops_source']}\n\n"
+                                      + table)
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["DiT-S/2", "DiT-B/2"])
@@ -267,6 +278,7 @@ def main():
                                     "allocator": allocator, "peak_flops": peak, "peak_flops_source": peak_source},
                         "args": vars(args), "results": []}
     modes = [False, True] if args.compile else [False]
+    out = Path(args.out)
     for preset in args.presets:
         for latent_size in args.latent_sizes:
             for compiled in modes if not args.skip_training else []:
@@ -294,6 +306,7 @@ def main():
                 variant = (f", ours with DiT's blocks/PixArt = {entry['ratio_text_dit_blocks_vs_pixart']:.2f}"
                           if args.dit_blocks else "")
                 rows.append(f"| | | | | **ratio** ours/DiT = {entry['ratio_class_vs_dit']:.2f}, ours/PixArt = {entry['ratio_text_vs_pixart']:.2f}{variant} | | | |")
+                write_report(out, report, rows, device)
             if not args.skip_sampling:
                 for compiled in modes:
                     tag = "compiled" if compiled else "eager"
@@ -310,15 +323,9 @@ def main():
                         rows.append(f"| sampling | {preset} | {latent_size}² | {tag} | {kind} | {r['median_s'] * 1000:.0f} "
                                     f"({r['q1_s'] * 1000:.0f}–{r['q3_s'] * 1000:.0f}) | {memory_cell(entry, kind)} | |")
                     rows.append(f"| | | | | **ratio** ours/PixArtAlphaPipeline = {entry['ratio_vs_pixart_pipeline']:.2f} | | | |")
+                    write_report(out, report, rows, device)
 
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    memory = "peak MB (live / kept)" if device.type == "cpu" else "peak MB"
-    header = (f"| task | preset | latent | mode | model | median ms (q1–q3) | {memory} | TFLOP/s (MFU) |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
-    out.with_suffix(".md").write_text(f"Machine: {report['machine']}\n\nMFU peak: {peak_source}\n\n" + header
-                                      + "\n".join(rows) + "\n")
-    print(header + "\n".join(rows))
+    print(write_report(out, report, rows, device))
 
 
 if __name__ == "__main__":

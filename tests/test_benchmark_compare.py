@@ -40,6 +40,23 @@ def test_one_command_times_both_sides_and_writes_ratios(tmp_path):
     assert f"ours/PixArtAlphaPipeline = {sampling['ratio_vs_pixart_pipeline']:.2f}" in table
 
 
+def test_a_run_cut_short_keeps_the_results_it_finished(tmp_path, monkeypatch):
+    """The GPU run has a hard time limit: each result is written as it comes, not only at the end."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as `timeout` stops the run while the sampling part builds its pipelines
+
+    out = tmp_path / "bench"
+    monkeypatch.setattr(benchmark_compare, "sampling_runners", stopped)
+    monkeypatch.setattr(sys, "argv", ["benchmark_compare.py", "--presets", "DiT-S/2", "--latent-sizes", "8",
+                                      "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--skip-memory",
+                                      "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        benchmark_compare.main()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [entry["task"] for entry in report["results"]] == ["train-step"]
+    assert f"ours/DiT = {report['results'][0]['ratio_class_vs_dit']:.2f}" in out.with_suffix(".md").read_text()
+
+
 def test_ours_are_the_models_latent_dit_train_builds():
     from latent_dit.config import ModelConfig, transformer_kwargs
 
