@@ -54,6 +54,8 @@ tail -n 6 "$WORK/train-loop.out" | log
 if [ -f "$WORK/train-loop/benchmark.json" ]; then cp "$WORK/train-loop/benchmark.json" "$OUT/train-loop.json"
 else for mode in cached bare; do cp "$WORK/train-loop/$mode.json" "$OUT/train-loop-$mode.json" 2>/dev/null; done; fi  # cut short
 
-bench train-32-bf16-compiled 200 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 2 --skip-sampling \
+# The last part (compiling four XL/2 models takes minutes) gets what is left of the call's 580 s.
+LEFT=$(( ${BUDGET:-565} - SECONDS )); [ "$LEFT" -gt 60 ] || LEFT=60
+bench train-32-bf16-compiled "$LEFT" --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 2 --skip-sampling \
   --skip-memory --compile
 echo "== done" | log
