@@ -135,16 +135,12 @@ class WrittenOutAttention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + mask)·v for (N, H, T, d) tensors; `mask` is boolean, True = attend.
 
-    PyTorch's fused `scaled_dot_product_attention` (flash on a GPU), except in bf16 on a CPU. There the
-    fused kernels reach ~150 GFLOP/s while bf16 batched GEMMs reach several times that, so up to 256×256
-    query-key pairs the steps are written out (`WrittenOutAttention`): forward + backward at DiT-S/2 size in
-    6-7 ms instead of 11-12 (docs/benchmarks.md). Longer sequences keep the fused kernel, in float32 (on a
-    CPU it is slower in bf16).
+    PyTorch's fused `scaled_dot_product_attention` (flash on a GPU), except for short sequences in bf16 on a
+    CPU. There, up to 256×256 query-key pairs, the fused kernels reach ~150 GFLOP/s while bf16 batched GEMMs
+    reach several times that, so the steps are written out (`WrittenOutAttention`): forward + backward at
+    DiT-S/2 size in 6-7 ms instead of 11-12. Longer sequences run faster fused (docs/benchmarks.md).
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        if q.shape[-2] * k.shape[-2] > 256 * 256:
-            with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * k.shape[-2] <= 256 * 256:
         return WrittenOutAttention.apply(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
