@@ -215,8 +215,10 @@ class DiTBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, context=None, context_mask=None):
-        # c: (N, D), or with adaLN-single the shared regressor's (N, 6D) output.
-        modulation = self.adaLN_modulation(c) if self.adaLN_modulation is not None else c + self.scale_shift_table
+        # c: (N, D), or with adaLN-single the shared regressor's (N, 6D) output. The table is cast to that
+        # output's dtype: under bf16 autocast a float32 sum would turn the whole residual stream float32.
+        modulation = (self.adaLN_modulation(c) if self.adaLN_modulation is not None
+                      else c + self.scale_shift_table.to(c.dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.cross_attn is not None:
