@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU figures in one `device` call. Once, in the checkout (../shared/GPU.md): download the .whl
-# wheels (diffusers + datasets) and `cp -r ../shared/assets/taesd cache/taesd`; then
+# wheels (diffusers + datasets) and `cp -r ../shared/assets/taesd cache/taesd`; move checkpoints/ (70 MB) aside
+# for the call, or the working tree is over the device's 64 MiB; then
 #   run(command="bash scripts/gpu_benchmarks.sh", carry=[".whl", "cache/taesd"], timeout_s=580)
 # 1-2. DiT-XL/2 bf16 training step vs diffusers' DiT / PixArt-α at 32² (batch 32) and 64² (batch 8) latents:
 #      time, peak memory, model FLOPs and MFU (benchmark_compare.py).
@@ -24,6 +25,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
+# Not installed (the GPU machine), `latent_dit.pipelines` (pyproject maps it to pipelines/) needs a link.
+$PY -c "import latent_dit.pipelines" 2>/dev/null || ln -sfn ../pipelines latent_dit/pipelines
 log() { tee -a "$OUT/log.txt"; }
 
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
