@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("uncached", "cached", "bare")
 
 
-
 def config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():

@@ -39,7 +39,7 @@ bench() {  # name, seconds, benchmark_compare arguments...
   timeout "$seconds" $PY scripts/benchmark_compare.py --presets "$PRESET" --dtype bf16 --repeats "$REPEATS" \
     --out "$WORK/$name" "$@" > "$WORK/$name.out" 2>&1
   echo "exit $?" | log
-  if [ -f "$WORK/$name.md" ]; then log < "$WORK/$name.md"; cp "$WORK/$name.json" "$OUT/"; else tail -n 5 "$WORK/$name.out" | log; fi
+  if [ -f "$WORK/$name.md" ]; then log < "$WORK/$name.md"; cp "$WORK/$name.json" "$OUT/"; else tail -n 5 "$WORK/$name.out" | log; cp "$WORK/$name.out" "$OUT/$name.out.txt"; fi
 }
 bench train-32-bf16 110 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 3 --skip-sampling
 bench train-64-bf16 110 --latent-sizes 64 --batch-size "${BATCH_64:-8}" --warmup 3 --skip-sampling
@@ -54,6 +54,7 @@ timeout 150 $PY scripts/benchmark_train.py --config "${TRAIN_CONFIG:-dit-xl2-256
   --set data.num_workers=4 ${TRAIN_SETS:-} > "$WORK/train-loop.out" 2>&1
 echo "exit $?" | log
 tail -n 6 "$WORK/train-loop.out" | log
+cp "$WORK/train-loop.out" "$OUT/train-loop.out.txt"  # the whole output: a worker's error sits above the tail
 if [ -f "$WORK/train-loop/benchmark.json" ]; then cp "$WORK/train-loop/benchmark.json" "$OUT/train-loop.json"
 else for mode in cached bare; do cp "$WORK/train-loop/$mode.json" "$OUT/train-loop-$mode.json" 2>/dev/null; done; fi  # cut short
 
