@@ -77,7 +77,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    use_compile: bool = False  # torch.compile the model
+    use_compile: bool = False  # torch.compile each transformer block (compiled once, reused by all)
     ema_decay: float = 0.9999  # EMA of the weights, used for sampling and export
     beta_schedule: str = "linear"  # DDPM betas for epsilon/v: linear | scaled_linear | squaredcos_cap_v2
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5.0 is the paper's); null disables it

@@ -2,7 +2,8 @@
 
     python scripts/benchmark_compare.py                       # CPU: DiT-S/2 and DiT-B/2 on 32×32×4 latents
     python scripts/benchmark_compare.py --presets DiT-XL/2 --latent-sizes 32 64 --dtype bf16   # a GPU
-    python scripts/benchmark_compare.py --compile             # also torch.compile both sides
+    python scripts/benchmark_compare.py --compile             # also torch.compile both sides (whole models)
+    python scripts/benchmark_compare.py --compile blocks      # ... each transformer block (regional compilation)
 
 Training step = forward + MSE loss + backward + AdamW step. Class-conditional latent-dit is compared with
 `DiTTransformer2DModel`; text-conditioned latent-dit with `PixArtTransformer2DModel` (same depth, width,
@@ -42,6 +43,9 @@ TEXT_LENGTH, TEXT_DIM = 77, 512  # CLIP ViT-B text states
 # plus a LayerNorm before cross-attention (the text default until 2026-12-06; configs/emoji-default.yaml).
 TEXT_BLOCKS = {"ours-text": block_design(ModelConfig(conditioning="text")),
                "ours-text-dit": dict(adaln_single=False, cross_attention_norm=True)}
+
+
+MODE_NAMES = {None: "eager", "model": "compiled", "blocks": "compiled blocks"}  # by --compile's value
 
 
 def build(kind: str, preset: str, latent_size: int):
@@ -84,19 +88,35 @@ def make_inputs(kind: str, batch: int, latent_size: int, device, dtype):
     return x, t, kwargs
 
 
+def compile_transformer(model, how: str):
+    """torch.compile the whole model ("model"), or each transformer block ("blocks": regional compilation,
+    diffusers' `compile_repeated_blocks`, which compiles one block's code and reuses it for the others; diffusers'
+    DiT and PixArt-α name no repeated blocks, so theirs are named here). Returns what to call."""
+    if how == "model":
+        return torch.compile(model)
+    if not getattr(model, "_repeated_blocks", None):
+        model._repeated_blocks = ["BasicTransformerBlock"]
+    model.compile_repeated_blocks()
+    return model
+
+
+def build_on(device, kind, preset, latent_size):
+    """Build (and initialise) the model on `device` itself: seconds per XL/2 model on a GPU machine otherwise."""
+    with device:
+        return build(kind, preset, latent_size)
+
+
 class TrainStep:
-    def __init__(self, kind, preset, latent_size, batch, device, dtype, compile_model):
-        self.model = build(kind, preset, latent_size).to(device).train()
+    def __init__(self, kind, preset, latent_size, batch, device, dtype, compile_model: str | None):
+        self.model = build_on(device, kind, preset, latent_size).train()
         # The same optimizer on both sides: fused AdamW, as latent-dit's trainer uses.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.x, self.t, self.kwargs = make_inputs(kind, batch, latent_size, device, dtype)
         self.target = torch.randn_like(self.x)
-        self.forward = torch.compile(self.model) if compile_model else self.model
+        # Model FLOPs of one step, counted before compiling (compiling changes no model FLOPs).
+        self.flops = training_step_flops(self.model, self.x, timestep=self.t, autocast_dtype=dtype, **self.kwargs)
+        self.forward = compile_transformer(self.model, compile_model) if compile_model else self.model
         self.device, self.dtype = device, dtype
-
-    def flops(self) -> int:
-        """Model FLOPs of one step (counted on the eager model: compiling changes no model FLOPs)."""
-        return training_step_flops(self.model, self.x, timestep=self.t, autocast_dtype=self.dtype, **self.kwargs)
 
     def __call__(self):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -143,9 +163,9 @@ def peak_memory_child(task, kind, preset, latent_size, batch, device_name, dtype
     keep_freed_memory()  # as in main(): the same allocator for every model
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     if task == "train":
-        run = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=False)
+        run = TrainStep(kind, preset, latent_size, batch, device, dtype, compile_model=None)
     else:
-        run = sampling_runners(preset, latent_size, device, dtype, compile_model=False)[kind]
+        run = sampling_runners(preset, latent_size, device, dtype, compile_model=None)[kind]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -213,15 +233,15 @@ def sampling_runners(preset, latent_size, device, dtype, compile_model):
     tokenizer, text_encoder, vae = tiny_text_parts(device)
     text_encoder, vae = text_encoder.to(dtype), vae.to(dtype)  # the whole pipeline in one dtype, as `pipe.to(dtype)`
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    ours = build_pipeline(build("ours-text", preset, latent_size).to(device, dtype), vae=vae, tokenizer=tokenizer,
+    ours = build_pipeline(build_on(device, "ours-text", preset, latent_size).to(dtype), vae=vae, tokenizer=tokenizer,
                           text_encoder=text_encoder, scheduler=DPMSolverMultistepScheduler())
     theirs = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                 transformer=build("diffusers-pixart", preset, latent_size).to(device, dtype),
+                                 transformer=build_on(device, "diffusers-pixart", preset, latent_size).to(dtype),
                                  scheduler=DPMSolverMultistepScheduler())
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
         if compile_model:
-            pipe.transformer = torch.compile(pipe.transformer)
+            pipe.transformer = compile_transformer(pipe.transformer, compile_model)
     size = latent_size * vae_factor
     prompts = ["a 3d rendered red apple emoji"] * 4
     common = dict(num_inference_steps=20, guidance_scale=4.5, height=size, width=size, output_type="latent")
@@ -256,7 +276,8 @@ def main():
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="Also time torch.compile'd models.")
+    parser.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"],
+                        help="Also time torch.compile'd models: whole (`--compile`) or block by block (`--compile blocks`).")
     parser.add_argument("--dit-blocks", action="store_true",
                         help="Also time our text model with DiT's per-block adaLN and a norm before cross-attention.")
     parser.add_argument("--skip-sampling", action="store_true")
@@ -277,17 +298,17 @@ def main():
                                     "diffusers": __import__("diffusers").__version__, "python": platform.python_version(),
                                     "allocator": allocator, "peak_flops": peak, "peak_flops_source": peak_source},
                         "args": vars(args), "results": []}
-    modes = [False, True] if args.compile else [False]
+    modes = [None, args.compile] if args.compile else [None]
     out = Path(args.out)
     for preset in args.presets:
         for latent_size in args.latent_sizes:
             for compiled in modes if not args.skip_training else []:
-                tag = "compiled" if compiled else "eager"
+                tag = MODE_NAMES[compiled]
                 runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
                            for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")
                            + (("ours-text-dit",) if args.dit_blocks else ())}
                 results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
-                flops = {kind: runner.flops() for kind, runner in runners.items()}
+                flops = {kind: runner.flops for kind, runner in runners.items()}
                 del runners
                 entry = {"task": "train-step", "preset": preset, "latent": latent_size, "mode": tag, "timings": results,
                          "tflop_per_step": {kind: f / 1e12 for kind, f in flops.items()},
@@ -309,7 +330,7 @@ def main():
                 write_report(out, report, rows, device)
             if not args.skip_sampling:
                 for compiled in modes:
-                    tag = "compiled" if compiled else "eager"
+                    tag = MODE_NAMES[compiled]
                     with torch.no_grad():
                         results = time_interleaved(sampling_runners(preset, latent_size, device, dtype, compiled),
                                                    max(3, args.repeats // 3), 1, device)

@@ -78,3 +78,25 @@ def test_benchmark_peak_memory_is_the_child_process_own():
     del held
     assert 0 < tiny < 1000 * 2**20  # optimizer state + grads of 33 M parameters (~400 MB), not the parent's 1.5 GiB
     assert larger > tiny + 50 * 2**20  # 16× the tokens and 4× the batch: the activations show
+
+
+def test_compile_blocks_compiles_each_transformer_block_on_both_sides():
+    """`--compile blocks` (the GPU run's compiled part): regional compilation of ours and of diffusers' models,
+    which name no repeated blocks themselves. Compiling is lazy: nothing compiles until a step runs."""
+    for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart"):
+        model = benchmark_compare.build(kind, "DiT-S/2", 8)
+        assert benchmark_compare.compile_transformer(model, "blocks") is model
+        blocks = model.blocks if kind.startswith("ours") else model.transformer_blocks
+        assert len(blocks) == 12 and all(block._compiled_call_impl is not None for block in blocks), kind
+        assert model._compiled_call_impl is None  # the model itself runs eager, between its blocks
+
+
+def test_profile_step_lists_the_top_operators_of_each_model(tmp_path):
+    out = tmp_path / "profile.md"
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "profile_step.py"), "--preset", "DiT-S/2",
+                    "--kind", "ours-class", "diffusers-dit", "--latent-size", "8", "--batch-size", "1", "--warmup", "1",
+                    "--steps", "1", "--rows", "10", "--out", str(out)], check=True, capture_output=True)
+    report = out.read_text()
+    assert report.count("### ") == 2 and "### ours-class, DiT-S/2, 8² latents, batch 1, bf16, eager" in report
+    assert report.count("step: ") == 2 and "Self CPU" in report
+    assert "aten::mm" in report or "aten::addmm" in report  # the GEMMs, by name

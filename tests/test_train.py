@@ -144,6 +144,31 @@ def test_overfitting_four_images_at_least_halves_the_loss(prediction_type, tmp_p
     assert last < 0.5 * first, f"{prediction_type}: loss went from {first:.3f} to {last:.3f}"
 
 
+def test_use_compile_compiles_every_block_and_trains_as_eager_does(tmp_path, components, monkeypatch):
+    """train.use_compile: regional compilation (each DiT block compiled, one block's code reused by all), and the
+    compiled run logs the eager run's losses."""
+    from latent_dit.model import LatentDiTTransformer2DModel
+
+    compiled_models, compile_blocks = [], LatentDiTTransformer2DModel.compile_repeated_blocks
+
+    def recording(model, *args, **kwargs):
+        compiled_models.append(model)
+        return compile_blocks(model, *args, **kwargs)
+
+    monkeypatch.setattr(LatentDiTTransformer2DModel, "compile_repeated_blocks", recording)
+    torch._dynamo.reset()
+    data = make_imagefolder(tmp_path / "data")
+    eager = train.main(tiny_config(data, tmp_path / "eager", components, ["train.max_steps=3"]))
+    assert not compiled_models
+    frames_before = torch._dynamo.utils.counters["frames"]["ok"]
+    compiled = train.main(tiny_config(data, tmp_path / "compiled", components, ["train.max_steps=3", "train.use_compile=true"]))
+
+    [model] = compiled_models
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames_before, "nothing ran compiled"
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+
+
 # ---------------------------------------------------------------- resume
 
 
