@@ -47,6 +47,8 @@ def test_a_run_cut_short_keeps_the_results_it_finished(tmp_path, monkeypatch):
 
     out = tmp_path / "bench"
     monkeypatch.setattr(benchmark_compare, "sampling_runners", stopped)
+    # main() would set glibc to keep freed memory for the rest of this test process (test_malloc measures it)
+    monkeypatch.setattr(benchmark_compare, "keep_freed_memory", lambda: False)
     monkeypatch.setattr(sys, "argv", ["benchmark_compare.py", "--presets", "DiT-S/2", "--latent-sizes", "8",
                                       "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--skip-memory",
                                       "--out", str(out)])
