@@ -120,9 +120,9 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
     """
     device = generator.device
     if "latent_mean" in batch:
-        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        mean, std = batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
     else:
-        mean, std = encode_images(frozen["vae"], batch["pixel_values"].to(device))
+        mean, std = encode_images(frozen["vae"], batch["pixel_values"].to(device, non_blocking=True))
     shift, scale = frozen["shift_scale"]
     noise_for_latents = torch.randn(mean.shape, generator=generator, device=device)
     latents = (mean + std * noise_for_latents - shift) * scale
@@ -135,14 +135,14 @@ def training_inputs(batch: dict, frozen: dict, objective, cfg: Config, generator
         null = frozen["null_text"]
         # Token columns that neither a caption of this batch nor the null caption uses are masked out of
         # cross-attention: dropping them changes nothing but the cost (captions are ~10-20 of CLIP's 77 tokens).
-        # Cached masks are still on the CPU here, so finding the length costs no device sync (uncached ones come
-        # from the text encoder on the device: one sync per step). With use_compile, torch.compile marks the
-        # length dynamic after the first change of it, so it recompiles once, not per length.
+        # Cached masks are still on the CPU here (the loader leaves batches there), so finding the length costs
+        # no device sync (uncached ones come from the text encoder on the device: one sync per step). With
+        # use_compile, torch.compile marks the length dynamic after its first change: one recompile, not one per length.
         (tokens, mask), (null_tokens, null_mask) = trim_padding((text["text"], text["mask"]), (null["text"][None], null["mask"][None]))
         pairs = {"encoder_hidden_states": (tokens, null_tokens[0]), "encoder_attention_mask": (mask, null_mask[0]),
                  "pooled_projections": (text["pooled"], null["pooled"])}
         for model_key, (value, null_value) in pairs.items():
-            value = value.to(device)
+            value = value.to(device, non_blocking=True)
             keep = ~drop.view(-1, *([1] * (value.ndim - 1)))
             conditioning[model_key] = torch.where(keep, value, null_value.to(device))
     elif cfg.model.conditioning == "class":
@@ -294,7 +294,10 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     )
     if tc.use_compile:  # each block compiled once, its code reused by all (regional compilation): minutes sooner than the whole model
         model.compile_repeated_blocks()
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # Batches stay on the CPU (pinned on a GPU machine) until `training_inputs` moves them: caption lengths are
+    # read there without a device sync, next to the cached null caption, which is on the CPU too.
+    dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
     state = TrainState()
     accelerator.register_for_checkpointing(ema, state)
 

@@ -110,7 +110,9 @@ def measure_bare(args) -> dict:
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=tc.mixed_precision)
     dataset, device = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg)), accelerator.device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_cached([dataset[i] for i in range(tc.batch_size)]).items()}
+    # In host memory (pinned on a GPU), as the training loop's loader hands batches to `training_inputs`.
+    batch = {k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v
+             for k, v in collate_cached([dataset[i] for i in range(tc.batch_size)]).items()}
     frozen, in_channels, scale_factor, text_dim = train.cached_parts(dataset, len(dataset.manifest["class_names"] or []))
     model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"]).to(device)
     objective = train.make_objective(cfg)

@@ -102,6 +102,22 @@ def test_cached_run_matches_uncached_run_and_loads_encoders_only_to_export(tmp_p
     assert Path(cached["pipeline"], "vae").is_dir()
 
 
+def test_batches_reach_training_inputs_as_collated_not_moved_by_the_loader(tmp_path, components, monkeypatch):
+    """On a GPU, Accelerate's loader would move each batch to the device before `training_inputs`, where the
+    cached captions' masks meet the null caption's (read from the cache, on the CPU) to find the caption length:
+    tensors on two devices, an error at the first step (and a device sync per step). The loop moves them itself."""
+    import accelerate.data_loader
+
+    moved, send_to_device = [], accelerate.data_loader.send_to_device
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device",
+                        lambda batch, device, *a, **k: moved.append(device) or send_to_device(batch, device, *a, **k))
+    cfg = cached_config(tmp_path, components, ["train.max_steps=2"])
+    cache_with_cli(tmp_path / "run.yaml")
+    summary = train.main(cfg)
+    assert summary["cached"] and summary["steps"] == 2
+    assert moved == [], f"the loader sent batches to {moved}"
+
+
 def test_cached_run_with_validation_loads_encoders_at_the_first_sample_grid(tmp_path, components, monkeypatch):
     cfg = cached_config(tmp_path, components, ["train.max_steps=4", "train.validate_every=2"])
     cache_with_cli(tmp_path / "run.yaml")
