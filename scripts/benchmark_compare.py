@@ -101,9 +101,11 @@ def compile_transformer(model, how: str):
 
 
 def build_on(device, kind, preset, latent_size):
-    """Build (and initialise) the model on `device` itself: seconds per XL/2 model on a GPU machine otherwise."""
+    """Build (and initialise) the model on `device` itself: seconds per XL/2 model on a GPU machine otherwise.
+    Then `.to(device)` for what a model makes outside the device context (buffers from NumPy)."""
     with device:
-        return build(kind, preset, latent_size)
+        model = build(kind, preset, latent_size)
+    return model.to(device)
 
 
 class TrainStep:
