@@ -15,6 +15,10 @@ training process never holds the VAE or the text encoder. The bare mode times th
 whether the loop is input-bound (issue 6 asks for >= 95%). `--synthetic N` trains on N drawn images at
 the config's resolution instead of data.source.
 
+Processes on a shared VM run 10-20% apart from one another: `--repeats N` runs the modes N times, interleaved
+(cached, bare, cached, ...), and reports each mode's median run (the lower middle one for an even N) with all
+the runs' images/s; the cache is built once.
+
 Writes <out>/benchmark.json and appends one markdown table row per mode to <out>/benchmark.md.
 """
 
@@ -185,6 +189,11 @@ def machine() -> dict:
             "accelerate": accelerate.__version__}
 
 
+def runs_note(result: dict) -> str:
+    rates = result.get("images_per_second_runs", [])
+    return f" (runs: {', '.join(map(str, rates))})" if len(rates) > 1 else ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="A config name in configs/ (e.g. tiny-cpu) or a YAML path.")
@@ -193,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="Steps run first and not measured.")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="Train on N drawn images instead of data.source.")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Run the modes this many times, interleaved (A, B, A, B, ...); each reports its median run.")
     parser.add_argument("--out", default=None, help="Results folder (default: runs/benchmark/<config name>).")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -220,21 +231,29 @@ def main(argv=None):
     results = {"config": str(path), "overrides": args.overrides, "synthetic_images": args.synthetic or None,
                "batch_size": cfg.train.batch_size, "resolution": cfg.data.resolution, "model": model,
                "machine": machine(), "modes": {}}
-    for mode in args.modes:
-        overrides = run_overrides(args, mode, out)
-        shutil.rmtree(out / mode, ignore_errors=True)  # a fresh run: metrics.jsonl is appended to
-        result = {}
-        if mode == "cached" or (mode == "bare" and not (out / "cache" / "manifest.json").is_file()):
-            shutil.rmtree(out / "cache", ignore_errors=True)  # time a full build
-            start = time.time()
-            cache = [sys.executable, "-m", "latent_dit.cli", "cache", "--config", str(path), *[f"--set={o}" for o in overrides]]
-            subprocess.run(cache, check=True)
-            result["cache_build_seconds"] = round(time.time() - start, 1)
-        result_file = out / f"{mode}.json"
-        worker = [sys.executable, __file__, "--config", str(path), "--worker", mode, "--result", str(result_file),
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), *[f"--set={o}" for o in overrides]]
-        subprocess.run(worker, check=True)
-        results["modes"][mode] = {**json.loads(result_file.read_text()), **result}
+    runs = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        for mode in args.modes:
+            overrides = run_overrides(args, mode, out)
+            shutil.rmtree(out / mode, ignore_errors=True)  # a fresh run: metrics.jsonl is appended to
+            result = {}
+            if (mode == "cached" and repeat == 0) or (mode == "bare" and not (out / "cache" / "manifest.json").is_file()):
+                shutil.rmtree(out / "cache", ignore_errors=True)  # time a full build
+                start = time.time()
+                cache = [sys.executable, "-m", "latent_dit.cli", "cache", "--config", str(path), *[f"--set={o}" for o in overrides]]
+                subprocess.run(cache, check=True)
+                result["cache_build_seconds"] = round(time.time() - start, 1)
+            result_file = out / f"{mode}.json"
+            worker = [sys.executable, __file__, "--config", str(path), "--worker", mode, "--result", str(result_file),
+                      "--steps", str(args.steps), "--warmup", str(args.warmup), *[f"--set={o}" for o in overrides]]
+            subprocess.run(worker, check=True)
+            runs[mode].append({**json.loads(result_file.read_text()), **result})
+    for mode, mode_runs in runs.items():  # the median run of each mode (this machine's noise is run to run)
+        rates = [r["images_per_second"] for r in mode_runs]
+        median = sorted(mode_runs, key=lambda r: r["images_per_second"])[(len(mode_runs) - 1) // 2]
+        build = next((r["cache_build_seconds"] for r in mode_runs if "cache_build_seconds" in r), None)
+        results["modes"][mode] = {**median, "images_per_second_runs": rates,
+                                  **({"cache_build_seconds": build} if build is not None else {})}
 
     if "bare" in results["modes"]:  # model FLOPs per image, counted on the bare step's batch
         add_mfu(results, results["modes"]["bare"]["model_flops_per_image"], cfg.train.mixed_precision)
@@ -245,7 +264,7 @@ def main(argv=None):
     for mode, r in results["modes"].items():
         cache_note = f", cache built in {r['cache_build_seconds']} s" if "cache_build_seconds" in r else ""
         lines.append(f"| {path.stem} | {model} | {cfg.data.resolution} px | {mode} | {results['machine']['device']} | "
-                     f"{cfg.train.batch_size} | {r['images_per_second']} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} | "
+                     f"{cfg.train.batch_size} | {r['images_per_second']}{runs_note(r)} | {r['peak_memory_mib']:.0f} MiB ({r['memory_kind']}){cache_note} | "
                      + (f"{r['mfu']:.1%} |" if r.get("mfu") is not None else "|"))
     with (out / "benchmark.md").open("a") as f:
         f.write("\n".join(lines) + "\n")

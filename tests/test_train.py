@@ -328,18 +328,21 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(avx512_bf16, amx, 
 
 
 def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_pipeline_dir, tmp_path):
-    """scripts/benchmark_train.py --modes cached bare: the input-bound check of issue 6 runs and reports its ratio."""
+    """scripts/benchmark_train.py --modes cached bare --repeats 3: the input-bound check of issue 6 runs and reports its ratio."""
     out = tmp_path / "bench"
     sets = [f"components.vae={tiny_pipeline_dir}", "components.vae_subfolder=vae", f"components.text_encoder={tiny_pipeline_dir}",
             "components.text_encoder_subfolder=text_encoder", "components.tokenizer_subfolder=tokenizer",
             "data.resolution=32", "train.batch_size=4"]
     command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_train.py"), "--config", "tiny-cpu", "--synthetic", "8",
-               "--steps", "2", "--warmup", "1", "--modes", "cached", "bare", "--out", str(out), *[f"--set={s}" for s in sets]]
+               "--steps", "2", "--warmup", "1", "--modes", "cached", "bare", "--repeats", "3", "--out", str(out), *[f"--set={s}" for s in sets]]
     subprocess.run(command, check=True, cwd=tmp_path, env=subprocess_env(), capture_output=True)
     results = json.loads((out / "benchmark.json").read_text())
     cached, bare = results["modes"]["cached"], results["modes"]["bare"]
     assert bare["data"] == "one resident cached batch" and bare["measured_steps"] == 2 and bare["images_per_second"] > 0
     assert cached["cached"] is True and cached["images_per_second"] > 0
+    for mode in (cached, bare):  # three runs each, interleaved; the median one is reported
+        assert len(mode["images_per_second_runs"]) == 3 and mode["images_per_second"] == sorted(mode["images_per_second_runs"])[1]
+    assert cached["cache_build_seconds"] > 0 and "cache_build_seconds" not in bare  # built once, by the first cached run
     assert results["cached_over_bare"] == pytest.approx(cached["images_per_second"] / bare["images_per_second"], abs=1e-3)
     assert results["peak_flops_source"].startswith("measured")  # a CPU: this machine's GEMM rate
     for mode in (cached, bare):  # images/s × model FLOPs per image (counted on the bare step's batch) / peak
