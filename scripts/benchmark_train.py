@@ -11,8 +11,9 @@ no export); images/s counts only the steps after the warmup, from the per-step t
 on a GPU, the process's peak resident set size (getrusage) on CPU. The cached mode first builds the cache
 with `latent-dit cache` in its own subprocess (its time is reported, not counted in images/s), so the
 training process never holds the VAE or the text encoder. The bare mode times the model step alone
-(noise, forward, loss, backward, clipping, AdamW) on one cached batch held in memory, so cached / bare says
-whether the loop is input-bound (issue 6 asks for >= 95%). `--synthetic N` trains on N drawn images at
+(noise, forward, loss, backward, clipping, AdamW) on the loop's own cached batches, collated beforehand and held
+in memory, so cached / bare says whether the loop is input-bound (issue 6 asks for >= 95%); model FLOPs
+(for MFU) are counted on the first of them. `--synthetic N` trains on N drawn images at
 the config's resolution instead of data.source.
 
 Processes on a shared VM run 10-20% apart from one another: `--repeats N` runs the modes N times, interleaved
@@ -98,25 +99,40 @@ def measure(args) -> dict:
             "cached": summary["cached"], "data": summary["data"].splitlines()[0]}
 
 
+def loop_batches(sampler, count: int) -> list[list[int]]:
+    """The first `count` batches of dataset indices the training loop draws from `sampler` (epoch 0, then 1, ...)."""
+    batches, epoch = [], 0
+    while len(batches) < count:
+        sampler.set_epoch(epoch)
+        batches += list(sampler)
+        epoch += 1
+    return batches[:count]
+
+
 def measure_bare(args) -> dict:
-    """Worker: the model step alone -- noise, forward, loss, backward, clipping, AdamW -- on one cached batch
-    already in memory: no data loader, EMA, LR schedule or logging. `cached` images/s over this rate says how
-    much the rest of the loop costs (goal: >= 95%)."""
+    """Worker: the model step alone -- noise, forward, loss, backward, clipping, AdamW -- on the batches the
+    training loop draws (same sampler, seed and order), collated before the clock starts and held in memory: no
+    data loader, EMA, LR schedule or logging. `cached` images/s over this rate says how much the rest of the
+    loop costs (goal: >= 95%). (The same batches matter: a batch's longest caption sets the text length, and
+    the dataset's first batch had 14 tokens where the loop's batches averaged 21.)"""
     import torch
     from accelerate import Accelerator
 
     from latent_dit import train
     from latent_dit.cache import CachedDataset, cache_fingerprint, collate_cached
     from latent_dit.config import load_config
+    from latent_dit.data import BucketBatchSampler
     from latent_dit.flops import training_step_flops
 
     cfg = load_config(args.config, args.overrides)
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=tc.mixed_precision)
     dataset, device = CachedDataset(cfg.data.cache_dir, cache_fingerprint(cfg)), accelerator.device
+    indices = loop_batches(BucketBatchSampler(dataset.bucket_ids, tc.batch_size, seed=tc.seed), args.warmup + args.steps)
     # In host memory (pinned on a GPU), as the training loop's loader hands batches to `training_inputs`.
-    batch = {k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v
-             for k, v in collate_cached([dataset[i] for i in range(tc.batch_size)]).items()}
+    batches = [{k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v
+                for k, v in collate_cached([dataset[i] for i in batch]).items()} for batch in indices]
+    batch = batches[0]
     frozen, in_channels, scale_factor, text_dim = train.cached_parts(dataset, len(dataset.manifest["class_names"] or []))
     model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"]).to(device)
     objective = train.make_objective(cfg)
@@ -130,7 +146,7 @@ def measure_bare(args) -> dict:
 
     def step(i):
         generator = train.micro_step_generator(tc.seed, i, 0, device)
-        inputs = train.training_inputs(batch, frozen, objective, cfg, generator)
+        inputs = train.training_inputs(batches[i], frozen, objective, cfg, generator)
         prediction = model(inputs["noisy_latents"], inputs["timesteps"], **inputs["conditioning"]).sample  # autocast by prepare
         loss = objective.loss(prediction, inputs["latents"], inputs["noise"], inputs["timesteps"])
         accelerator.backward(loss)
@@ -148,7 +164,8 @@ def measure_bare(args) -> dict:
     loss.item()  # one host sync at the end, as the loop's loss log
     seconds = time.perf_counter() - start
     return {"images_per_second": round(args.steps * tc.batch_size / seconds, 2), "seconds_per_step": round(seconds / args.steps, 4),
-            "measured_steps": args.steps, "warmup_steps": args.warmup, **peak_memory(), "cached": True, "data": "one resident cached batch",
+            "measured_steps": args.steps, "warmup_steps": args.warmup, **peak_memory(), "cached": True,
+            "data": "the loop's cached batches, resident",
             "model_flops_per_image": flops / tc.batch_size}
 
 

@@ -327,6 +327,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(avx512_bf16, amx, 
     assert train.warn_if_emulated_bf16("bf16", torch.device("cuda")) is None
 
 
+def test_benchmark_trains_the_bare_step_on_the_batches_the_loop_draws(tmp_path, components, monkeypatch):
+    """benchmark_train's bare step runs on the loop's batches: a batch's longest caption sets the step's text length."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from benchmark_train import loop_batches
+    from latent_dit.data import BucketBatchSampler
+
+    seen = record_batches(monkeypatch)
+    train.main(tiny_config(make_imagefolder(tmp_path / "data", count=6), tmp_path / "run", components, ["train.max_steps=5"]))
+    assert loop_batches(BucketBatchSampler([0] * 6, 2, seed=0), 5) == seen  # 3 batches an epoch: into epoch 1
+
+
 def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_pipeline_dir, tmp_path):
     """scripts/benchmark_train.py --modes cached bare --repeats 3: the input-bound check of issue 6 runs and reports its ratio."""
     out = tmp_path / "bench"
@@ -338,7 +349,7 @@ def test_benchmark_train_compares_cached_training_with_the_bare_model_step(tiny_
     subprocess.run(command, check=True, cwd=tmp_path, env=subprocess_env(), capture_output=True)
     results = json.loads((out / "benchmark.json").read_text())
     cached, bare = results["modes"]["cached"], results["modes"]["bare"]
-    assert bare["data"] == "one resident cached batch" and bare["measured_steps"] == 2 and bare["images_per_second"] > 0
+    assert bare["data"] == "the loop's cached batches, resident" and bare["measured_steps"] == 2 and bare["images_per_second"] > 0
     assert cached["cached"] is True and cached["images_per_second"] > 0
     for mode in (cached, bare):  # three runs each, interleaved; the median one is reported
         assert len(mode["images_per_second_runs"]) == 3 and mode["images_per_second"] == sorted(mode["images_per_second_runs"])[1]
