@@ -62,8 +62,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tup
     return rate, f"measured: best {dtype} 2048×2048 GEMM rate on this machine, {rate / 1e9:.0f} GFLOP/s"
 
 
-def measured_gemm_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The best FLOP/s of a size×size GEMM over `repeats` runs (after one warm-up)."""
+def measured_gemm_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 20) -> float:
+    """The best FLOP/s of a size×size GEMM over `repeats` runs (after one warm-up; ~1 s on a 2-core CPU, so a
+    moment of a shared machine's CPU going elsewhere does not halve the figure)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
