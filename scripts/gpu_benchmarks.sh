@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# Issue 6's GPU figures, in parts: `bash scripts/gpu_benchmarks.sh [PART ...]` (default: all, in this order)
-#   train32   DiT-XL/2 bf16 training step vs diffusers' DiT / PixArt-α, 32² latents, batch 32: time, peak
-#             memory, model FLOPs and MFU (benchmark_compare.py)
-#   train64   the same at 64² latents, batch 8
+# Issue 6's GPU figures, in parts, run in the order given: `bash scripts/gpu_benchmarks.sh PART ...` (default: all)
 #   profile   torch.profiler's top kernels of the XL/2 step, ours and DiT, and how busy the GPU is; our MFU at
-#             batch 64 (profile_step.py)
-#   sampling  our pipeline vs PixArtAlphaPipeline (20 steps, guidance, batch 4)
+#             batch 64 (profile_step.py)                                                        [limit 110 s]
 #   loop      the real training loop on cached latents vs the bare model step, with MFU (benchmark_train.py:
-#             dit-xl2-256 on drawn 256-px images, TAESD latents, a random 512-wide CLIP text encoder)
+#             dit-xl2-256 on drawn 256-px images, TAESD latents, a random 512-wide CLIP text encoder)   [150 s]
+#   train32   DiT-XL/2 bf16 training step vs diffusers' DiT / PixArt-α, 32² latents, batch 32: time, peak
+#             memory, model FLOPs and MFU (benchmark_compare.py)                                     [100 s]
+#   train64   the same at 64² latents, batch 8                                                       [100 s]
+#   sampling  our pipeline vs PixArtAlphaPipeline (20 steps, guidance, batch 4)                      [90 s]
 #   compiled  the training step again, each transformer block torch.compile'd on both sides (compiling whole
-#             XL/2 models took more than the rest of a call)
-# Every call first prints the versions it runs with and checks that the training code imports.
+#             XL/2 models took more than the rest of a call)       [what is left of BUDGET, default 465 s]
+# Every call first prints the versions it runs with and checks that the training code imports (~20 s).
 # Once, in the checkout (../shared/GPU.md): download the .whl wheels (diffusers + datasets) and
 # `cp -r ../shared/assets/taesd cache/taesd`; move checkpoints/ (70 MB) aside for the calls, or the working tree is
-# over the device's 64 MiB. Two calls fit 15 minutes of device time (each part's limit is in its line below):
-#   run(command="bash scripts/gpu_benchmarks.sh train32 train64 profile sampling", carry=[".whl", "cache/taesd"], timeout_s=420)
-#   run(command="bash scripts/gpu_benchmarks.sh loop compiled", carry=[".whl", "cache/taesd"], timeout_s=480)
-# $OUT gets log.txt (every table), one JSON per part and the whole output of a part that failed, as far as a part
-# got before its time limit; copy them into docs/ and docs/benchmarks.md.
+# over the device's 64 MiB. 15 minutes of device time, starting the machine included, fit two calls, the
+# never-measured parts first:
+#   run(command="bash scripts/gpu_benchmarks.sh profile loop train32", carry=[".whl", "cache/taesd"], timeout_s=400)
+#   run(command="BUDGET=330 bash scripts/gpu_benchmarks.sh compiled sampling", carry=[".whl", "cache/taesd"], timeout_s=350)
+# $OUT gets log.txt (every table), one JSON or markdown file per part and the whole output of a part that
+# failed, as far as a part got before its time limit; copy them into docs/ and docs/benchmarks.md.
 # PRESET, REPEATS, BATCH_32, BATCH_64, TRAIN_CONFIG and TRAIN_SETS shrink it for a dry run on a CPU:
 #   PRESET=DiT-S/2 BATCH_32=2 BATCH_64=1 REPEATS=2 TRAIN_CONFIG=tiny-cpu OUT=/tmp/gpu bash scripts/gpu_benchmarks.sh
 set -uo pipefail
@@ -36,9 +37,6 @@ PY=${PYTHON:-python3}
 $PY -c "import latent_dit.pipelines" 2>/dev/null || ln -sfn ../pipelines latent_dit/pipelines
 log() { tee -a "$OUT/log.txt"; }
 
-PARTS=" ${*:-train32 train64 profile sampling loop compiled} "
-want() { [[ "$PARTS" == *" $1 "* ]]; }
-
 # Versions first (the GPU machine's own torch, transformers, accelerate, pyarrow), then the training code's imports:
 # datasets 5.2 needs pyarrow >= 24, and a failed import here explains a failed training part below.
 $PY -c "import importlib.metadata as m, torch
@@ -55,8 +53,6 @@ bench() {  # name, seconds, benchmark_compare arguments...
   echo "exit $?" | log
   if [ -f "$WORK/$name.md" ]; then log < "$WORK/$name.md"; cp "$WORK/$name.json" "$OUT/"; else tail -n 5 "$WORK/$name.out" | log; cp "$WORK/$name.out" "$OUT/$name.out.txt"; fi
 }
-want train32 && bench train-32-bf16 100 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 3 --skip-sampling
-want train64 && bench train-64-bf16 100 --latent-sizes 64 --batch-size "${BATCH_64:-8}" --warmup 3 --skip-sampling
 profile() {  # name, seconds, profile_step arguments...
   local name=$1 seconds=$2; shift 2
   echo "== $name: profile_step $*" | log
@@ -64,30 +60,35 @@ profile() {  # name, seconds, profile_step arguments...
   echo "exit $?" | log
   grep -E "^(###|step:|GPU busy)" "$OUT/$name.md" 2>/dev/null | log || tail -n 5 "$WORK/$name.out" | log
 }
-if want profile; then  # where the XL/2 step's time goes; and our MFU at twice the batch (fixed costs shared by more images)
+
+part_train32() { bench train-32-bf16 100 --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 3 --skip-sampling; }
+part_train64() { bench train-64-bf16 100 --latent-sizes 64 --batch-size "${BATCH_64:-8}" --warmup 3 --skip-sampling; }
+part_sampling() { bench sampling-32-bf16 90 --latent-sizes 32 --warmup 1 --skip-training; }
+part_profile() {  # where the XL/2 step's time goes; and our MFU at twice the batch (fixed costs shared by more images)
   profile profile-32 70 --kind ours-class diffusers-dit --batch-size "${BATCH_32:-32}"
   profile profile-32-batch64 40 --kind ours-class --batch-size $(( 2 * ${BATCH_32:-32} ))
-fi
-want sampling && bench sampling-32-bf16 90 --latent-sizes 32 --warmup 1 --skip-training
-
-if want loop; then
+}
+part_loop() {
   echo "== train-loop: benchmark_train ${TRAIN_CONFIG:-dit-xl2-256}, cached vs bare" | log
-  VAE=cache/taesd; [ -d "$VAE" ] || VAE=../shared/assets/taesd
+  local vae=cache/taesd; [ -d "$vae" ] || vae=../shared/assets/taesd
   $PY -c "from latent_dit.tiny import make_tiny_text_encoder, make_tiny_tokenizer
 tokenizer = make_tiny_tokenizer('$WORK/text'); make_tiny_text_encoder(len(tokenizer), hidden_size=512).save_pretrained('$WORK/text')"
   timeout 150 $PY scripts/benchmark_train.py --config "${TRAIN_CONFIG:-dit-xl2-256}" --synthetic 512 --steps 10 --warmup 3 \
-    --modes cached bare --out "$WORK/train-loop" --set "components.vae=$VAE" --set "components.text_encoder=$WORK/text" \
+    --modes cached bare --out "$WORK/train-loop" --set "components.vae=$vae" --set "components.text_encoder=$WORK/text" \
     --set data.num_workers=4 ${TRAIN_SETS:-} > "$WORK/train-loop.out" 2>&1
   echo "exit $?" | log
   tail -n 6 "$WORK/train-loop.out" | log
   cp "$WORK/train-loop.out" "$OUT/train-loop.out.txt"  # the whole output: a worker's error sits above the tail
   if [ -f "$WORK/train-loop/benchmark.json" ]; then cp "$WORK/train-loop/benchmark.json" "$OUT/train-loop.json"
   else for mode in cached bare; do cp "$WORK/train-loop/$mode.json" "$OUT/train-loop-$mode.json" 2>/dev/null; done; fi  # cut short
-fi
+}
+part_compiled() {  # compiling four XL/2 models' blocks: what is left of the call's BUDGET seconds
+  local left=$(( ${BUDGET:-465} - SECONDS )); [ "$left" -gt 60 ] || left=60
+  bench train-32-bf16-compiled "$left" --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 2 --skip-sampling \
+    --skip-memory --compile blocks
+}
 
-# The last part (compiling four XL/2 models' blocks) gets what is left of the call's BUDGET seconds (default
-# 465, for a run with timeout_s=480).
-LEFT=$(( ${BUDGET:-465} - SECONDS )); [ "$LEFT" -gt 60 ] || LEFT=60
-want compiled && bench train-32-bf16-compiled "$LEFT" --latent-sizes 32 --batch-size "${BATCH_32:-32}" --warmup 2 \
-  --skip-sampling --skip-memory --compile blocks
+for part in ${*:-profile loop train32 train64 sampling compiled}; do
+  if declare -F "part_$part" > /dev/null; then "part_$part"; else echo "== unknown part: $part" | log; fi
+done
 echo "== done" | log
