@@ -292,7 +292,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0 if cached else cfg.data.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
-    if tc.use_compile:  # each block compiled once, its code reused by all (regional compilation): minutes sooner than the whole model
+    if tc.use_compile:  # regional compilation: one block compiled, its code reused by all (minutes sooner than the whole model)
         model.compile_repeated_blocks()
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     # Batches stay on the CPU (pinned on a GPU machine) until `training_inputs` moves them: caption lengths are

@@ -132,11 +132,10 @@ def measure_bare(args) -> dict:
     # In host memory (pinned on a GPU), as the training loop's loader hands batches to `training_inputs`.
     batches = [{k: v.pin_memory() if torch.is_tensor(v) and device.type == "cuda" else v
                 for k, v in collate_cached([dataset[i] for i in batch]).items()} for batch in indices]
-    batch = batches[0]
     frozen, in_channels, scale_factor, text_dim = train.cached_parts(dataset, len(dataset.manifest["class_names"] or []))
     model = train.build_model(cfg, in_channels, cfg.data.resolution // scale_factor, text_dim, frozen["num_classes"]).to(device)
     objective = train.make_objective(cfg)
-    sample = train.training_inputs(batch, frozen, objective, cfg, train.micro_step_generator(tc.seed, 0, 0, device))
+    sample = train.training_inputs(batches[0], frozen, objective, cfg, train.micro_step_generator(tc.seed, 0, 0, device))
     flops = training_step_flops(model, sample["noisy_latents"], sample["timesteps"], **sample["conditioning"],
                                 autocast_dtype=train.autocast_dtype(tc.mixed_precision))
     optimizer = train.build_optimizer(model, tc)
