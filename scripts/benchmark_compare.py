@@ -45,6 +45,7 @@ TEXT_BLOCKS = {"ours-text": block_design(ModelConfig(conditioning="text")),
                "ours-text-dit": dict(adaln_single=False, cross_attention_norm=True)}
 
 
+KINDS = ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")  # timed by default; build() also knows ours-text-dit
 MODE_NAMES = {None: "eager", "model": "compiled", "blocks": "compiled blocks"}  # by --compile's value
 
 
@@ -278,7 +279,7 @@ def main():
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"],
+    parser.add_argument("--compile", nargs="?", const="model", choices=[mode for mode in MODE_NAMES if mode],
                         help="Also time torch.compile'd models: whole (`--compile`) or block by block (`--compile blocks`).")
     parser.add_argument("--dit-blocks", action="store_true",
                         help="Also time our text model with DiT's per-block adaLN and a norm before cross-attention.")
@@ -307,8 +308,7 @@ def main():
             for compiled in modes if not args.skip_training else []:
                 tag = MODE_NAMES[compiled]
                 runners = {kind: TrainStep(kind, preset, latent_size, args.batch_size, device, dtype, compiled)
-                           for kind in ("ours-class", "diffusers-dit", "ours-text", "diffusers-pixart")
-                           + (("ours-text-dit",) if args.dit_blocks else ())}
+                           for kind in KINDS + (("ours-text-dit",) if args.dit_blocks else ())}
                 results = time_interleaved(runners, args.repeats, args.warmup + (3 if compiled else 0), device)
                 flops = {kind: runner.flops for kind, runner in runners.items()}
                 del runners

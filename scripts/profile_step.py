@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmark_compare import MODE_NAMES, TrainStep, sync, time_interleaved
+from benchmark_compare import KINDS, MODE_NAMES, TrainStep, sync, time_interleaved
 from latent_dit.flops import peak_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,11 +53,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="DiT-S/2")
     parser.add_argument("--kind", nargs="+", default=["ours-class"],
-                        choices=["ours-class", "diffusers-dit", "ours-text", "ours-text-dit", "diffusers-pixart"])
+                        choices=KINDS + ("ours-text-dit",))
     parser.add_argument("--latent-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"])
+    parser.add_argument("--compile", nargs="?", const="model", choices=[mode for mode in MODE_NAMES if mode])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="Operators listed per model.")

@@ -208,7 +208,6 @@ def test_residual_stream_is_contiguous_in_every_block():
     assert layouts == [True] * len(model.blocks)
 
 
-
 @pytest.mark.parametrize("conditioning,adaln_single", [("text", True), ("text", False), ("class", False)])
 def test_residual_stream_stays_bf16_under_autocast(conditioning, adaln_single):
     # adaLN-single adds each block's float32 table to the shared regressor's bf16 output; left at float32, that
@@ -223,6 +222,7 @@ def test_residual_stream_stays_bf16_under_autocast(conditioning, adaln_single):
     out.float().square().mean().backward()
     tables = [block.scale_shift_table for block in model.blocks] if adaln_single else []
     assert all(t.grad is not None and t.grad.dtype == torch.float32 and t.grad.abs().max() > 0 for t in tables)
+
 
 # --- training features and dtypes -------------------------------------------------------------------------
 
