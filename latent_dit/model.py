@@ -178,6 +178,22 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` whose output keeps its input's dtype under autocast: bf16 in mixed precision.
+
+    CUDA autocast runs layer_norm in float32 and returns float32, so each norm -> modulate -> linear of a
+    block would write and re-read its activations at twice the width, keep float32 copies of them for
+    backward, and cast them back to bf16 for the next GEMM. Run as it is, the kernel still accumulates its
+    mean and variance in float32. CPU autocast already keeps the input's dtype, so on a CPU nothing changes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -196,14 +212,14 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_cross_attention: bool, use_qk_norm: bool,
                  adaln_single: bool = False, cross_attention_norm: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, use_qk_norm=use_qk_norm)
         if use_cross_attention:
-            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attention_norm else nn.Identity()
+            self.norm_cross = LayerNorm(hidden_size, eps=1e-6) if cross_attention_norm else nn.Identity()
             self.cross_attn = Attention(hidden_size, num_heads, cross=True, use_qk_norm=use_qk_norm)
         else:
             self.cross_attn = None
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, hidden_size)
@@ -232,7 +248,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmark_compare import KINDS, MODE_NAMES, TrainStep, sync, time_interleaved
 from latent_dit.flops import peak_flops
+from latent_dit.malloc import keep_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory()  # as benchmark_compare and the command line run: no page faults on reused activations
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     out = Path(args.out) if args.out else REPO / "runs" / "profile" / f"{args.preset.replace('/', '')}-{'-'.join(args.kind)}.md"

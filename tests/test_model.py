@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from latent_dit import model as model_module
 from latent_dit.model import PRESETS, LatentDiTTransformer2DModel, sincos_pos_embed_2d
@@ -222,6 +223,37 @@ def test_residual_stream_stays_bf16_under_autocast(conditioning, adaln_single):
     out.float().square().mean().backward()
     tables = [block.scale_shift_table for block in model.blocks] if adaln_single else []
     assert all(t.grad is not None and t.grad.dtype == torch.float32 and t.grad.abs().max() > 0 for t in tables)
+
+
+@pytest.mark.parametrize("cross_attention_norm", [False, True])
+def test_layer_norms_run_outside_autocast_in_the_stream_dtype(monkeypatch, cross_attention_norm):
+    # CUDA autocast upcasts layer_norm to float32 (and returns float32): every norm -> modulate -> linear then
+    # moved its activations at twice the width and cast them back. The model's norms run with autocast off on
+    # the bf16 stream (their affine weights cast to it), so no device's autocast policy applies to them.
+    calls, layer_norm = [], F.layer_norm
+
+    def recording_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        calls.append((torch.is_autocast_enabled("cpu"), x.dtype, None if weight is None else weight.dtype))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(F, "layer_norm", recording_layer_norm)
+    model = _perturbed(cross_attention_norm=cross_attention_norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**_inputs()).sample.float().mean().backward()
+    per_block = 3 if cross_attention_norm else 2
+    assert len(calls) == per_block * len(model.blocks) + 1
+    weights = {torch.bfloat16} if cross_attention_norm else set()
+    assert {enabled for enabled, _, _ in calls} == {False} and {dtype for _, dtype, _ in calls} == {torch.bfloat16}
+    assert {w for _, _, w in calls} - {None} == weights
+    assert all(block.norm_cross.weight.grad.dtype == torch.float32 for block in model.blocks if cross_attention_norm)
+
+    # Outside autocast it is nn.LayerNorm, exactly.
+    norm, reference = model_module.LayerNorm(16, eps=1e-6), nn.LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    reference.load_state_dict(norm.state_dict())
+    x = _randn(2, 5, 16)
+    assert torch.equal(norm(x), reference(x))
 
 
 # --- training features and dtypes -------------------------------------------------------------------------
