@@ -102,3 +102,33 @@ def test_profile_step_lists_the_top_operators_of_each_model(tmp_path):
     assert report.count("### ") == 2 and "### ours-class, DiT-S/2, 8² latents, batch 1, bf16, eager" in report
     assert report.count("step: ") == 2 and "Self CPU" in report
     assert "aten::mm" in report or "aten::addmm" in report  # the GEMMs, by name
+
+
+def test_count_traffic_counts_per_image_and_fixed_bytes_as_a_gpu_would_run(tmp_path):
+    out = tmp_path / "traffic.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "count_traffic.py"), "--preset", "DiT-S/2",
+                    "--kind", "ours-class", "diffusers-dit", "--latent-size", "8", "--out", str(out)],
+                   check=True, capture_output=True)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ours-class", "diffusers-dit"}
+    assert all(r["traffic_per_image"] > 0 and r["traffic_fixed"] > 0 and r["saved_per_image"] > 0 for r in results.values())
+    assert results["ours-class"]["traffic_per_image"] < results["diffusers-dit"]["traffic_per_image"]
+
+    # Under CUDA's layer_norm policy (emulated in a fresh process: it is process-wide), plain nn.LayerNorm norms
+    # return float32 and move more bytes than the model's own, which run outside autocast on the bf16 stream.
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {str(REPO_ROOT / "scripts")!r})
+import count_traffic
+from latent_dit import model
+library = count_traffic.run_as_on_a_gpu()
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    upcast = model.LayerNorm(8)(torch.ones(2, 8, dtype=torch.bfloat16)).dtype, torch.nn.LayerNorm(8)(torch.ones(2, 8, dtype=torch.bfloat16)).dtype
+ours = count_traffic.count_step("ours-class", "DiT-S/2", 8, 2)
+model.LayerNorm.forward = torch.nn.LayerNorm.forward
+print(json.dumps([str(upcast), ours, count_traffic.count_step("ours-class", "DiT-S/2", 8, 2)]))
+"""
+    dtypes, ours, plain = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                                    text=True).stdout.splitlines()[-1])
+    assert dtypes == "(torch.bfloat16, torch.float32)"
+    assert ours[0] < plain[0] and ours[1] < plain[1]  # bytes moved, bytes saved for backward
