@@ -168,11 +168,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context=None, mask=None) -> torch.Tensor:
         N, T, D = x.shape
+        # Heads are split as views: (N, T, 3, H, d) unbound on dim 2, each (N, T, H, d) -> (N, H, T, d). Backward
+        # stacks the three gradients straight into the projection's (N, T, 3D) layout (unbinding a permuted
+        # (3, N, H, T, d) instead stacks them in that order, then copies once more to get back).
         if self.cross:
-            q = self.to_q(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, d)
-            k, v = self.to_kv(context).view(N, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q = self.to_q(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = (t.transpose(1, 2) for t in self.to_kv(context).view(N, -1, 2, self.num_heads, self.head_dim).unbind(2))
         else:
-            q, k, v = self.to_qkv(x).view(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = (t.transpose(1, 2) for t in self.to_qkv(x).view(N, T, 3, self.num_heads, self.head_dim).unbind(2))
         q, k = self.norm_q(q), self.norm_k(k)
         x = attention(q, k, v, mask)  # (N, H, T, d)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
