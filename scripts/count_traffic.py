@@ -80,6 +80,12 @@ def count_step(kind: str, preset: str, latent_size: int, batch: int) -> tuple[in
     return counter.total, sum(saved.values())
 
 
+def per_image_and_fixed(at_small: int, at_large: int, small: int, large: int) -> tuple[float, float]:
+    """Split a count taken at two batch sizes into its part per image and its part independent of the batch."""
+    per_image = (at_large - at_small) / (large - small)
+    return per_image, at_small - small * per_image
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="DiT-XL/2")
@@ -92,7 +98,7 @@ def main():
     out = Path(args.out) if args.out else REPO / "runs" / "traffic" / f"{args.preset.replace('/', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    library = run_as_on_a_gpu()  # the override lasts as long as this object: keep it to the end  # noqa: F841
+    library = run_as_on_a_gpu()  # kept to the end: the override lasts as long as this object
 
     small, large = args.batch_sizes
     results = {}
@@ -100,10 +106,10 @@ def main():
           f"saved GB per image | at batch {args.at_batch}: traffic GB, saved GB |\n| --- | --- | --- | --- | --- |")
     for kind in args.kind:
         (moved_s, saved_s), (moved_l, saved_l) = (count_step(kind, args.preset, args.latent_size, b) for b in (small, large))
-        moved_per_image, saved_per_image = (moved_l - moved_s) / (large - small), (saved_l - saved_s) / (large - small)
-        fixed = moved_s - small * moved_per_image
+        moved_per_image, fixed = per_image_and_fixed(moved_s, moved_l, small, large)
+        saved_per_image, saved_fixed = per_image_and_fixed(saved_s, saved_l, small, large)
         results[kind] = {"traffic_per_image": moved_per_image, "traffic_fixed": fixed, "saved_per_image": saved_per_image,
-                         "saved_fixed": saved_s - small * saved_per_image}
+                         "saved_fixed": saved_fixed}
         print(f"| {kind} | {moved_per_image / 1e9:.3f} | {fixed / 1e9:.2f} | {saved_per_image / 1e9:.3f} | "
               f"{(fixed + args.at_batch * moved_per_image) / 1e9:.1f}, {args.at_batch * saved_per_image / 1e9:.1f} |", flush=True)
         out.write_text(json.dumps({"preset": args.preset, "latent_size": args.latent_size, "results": results}, indent=1))
